@@ -1,0 +1,293 @@
+//! The DERP handshake's cryptography: ClientInfo is a NaCl box from the client's
+//! key to the server's, so opening it proves the client holds the private key it
+//! claims; ServerInfo is a box back the other way.
+
+use crypto_box::aead::{Aead, AeadCore, OsRng};
+use crypto_box::{SalsaBox, SecretKey};
+use serde_json::Value;
+
+use super::frame::{MAX_INFO_LEN, NONCE_LEN, PROTOCOL_VERSION};
+use super::keys::{KEY_LEN, PublicKey};
+
+/// Why a handshake failed. All of them close the connection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("ClientInfo payload of {0} bytes is too short")]
+    TooShort(usize),
+    #[error("ClientInfo box does not open with the claimed key")]
+    BadBox,
+    #[error("ClientInfo is not a JSON object")]
+    BadJson,
+    #[error("ServerInfo announces version {0}, want 2")]
+    Version(i64),
+}
+
+/// What a client says about itself in ClientInfo. Both the Go client's spelling
+/// (`meshKey`, `CanAckPings`) and `ts_derp`'s (`mesh_key`, `can_ack_pings`) are
+/// accepted; unknown fields are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub mesh_key: Option<String>,
+    pub version: i64,
+    pub can_ack_pings: bool,
+    pub is_prober: bool,
+    pub app_name: Option<String>,
+}
+
+impl ClientInfo {
+    fn from_json(v: &Value) -> Result<Self, HandshakeError> {
+        let obj = v.as_object().ok_or(HandshakeError::BadJson)?;
+        let field = |names: &[&str]| names.iter().find_map(|n| obj.get(*n));
+        let string = |names: &[&str]| {
+            field(names)
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+        };
+        let flag = |names: &[&str]| field(names).and_then(Value::as_bool).unwrap_or(false);
+        Ok(ClientInfo {
+            mesh_key: string(&["meshKey", "mesh_key", "MeshKey"]),
+            version: field(&["version", "Version"]).and_then(Value::as_i64).unwrap_or(0),
+            can_ack_pings: flag(&["CanAckPings", "can_ack_pings", "canAckPings"]),
+            is_prober: flag(&["IsProber", "is_prober", "isProber"]),
+            app_name: string(&["AppName", "app_name", "appName"]),
+        })
+    }
+
+    /// True when the client presented exactly `configured` as its mesh key.
+    /// Absent or malformed keys are simply "not a mesh peer".
+    pub fn is_mesh_peer(&self, configured: Option<&[u8; 32]>) -> bool {
+        use subtle::ConstantTimeEq;
+        let (Some(want), Some(got)) = (configured, self.mesh_key.as_deref()) else {
+            return false;
+        };
+        let mut got_bytes = [0u8; 32];
+        if hex::decode_to_slice(got, &mut got_bytes).is_err() {
+            return false;
+        }
+        got_bytes.ct_eq(want).into()
+    }
+}
+
+/// The relay's long-term Curve25519 identity.
+#[derive(Clone)]
+pub struct ServerSecret {
+    secret: SecretKey,
+    public: PublicKey,
+}
+
+impl ServerSecret {
+    pub fn generate() -> Self {
+        Self::from_bytes(SecretKey::generate(&mut OsRng).to_bytes())
+    }
+
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        let secret = SecretKey::from_bytes(b);
+        let public = PublicKey(*secret.public_key().as_bytes());
+        ServerSecret { secret, public }
+    }
+
+    pub fn public(&self) -> PublicKey {
+        self.public
+    }
+
+    /// The key file format of Tailscale's derper (`{"PrivateKey":"privkey:<hex>"}`),
+    /// so an operator can carry a derper identity over, or back.
+    pub fn to_key_file(&self) -> String {
+        let hex = hex::encode(self.secret.to_bytes());
+        format!("{{\"PrivateKey\":\"privkey:{hex}\"}}\n")
+    }
+
+    pub fn from_key_file(text: &str) -> Result<Self, String> {
+        let v: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let s = v
+            .get("PrivateKey")
+            .and_then(Value::as_str)
+            .ok_or("missing string field \"PrivateKey\"")?;
+        let hex_part = s
+            .strip_prefix("privkey:")
+            .ok_or("PrivateKey does not start with \"privkey:\"")?;
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(hex_part, &mut b)
+            .map_err(|e| format!("PrivateKey is not 64 hex digits: {e}"))?;
+        Ok(Self::from_bytes(b))
+    }
+
+    /// Opens a ClientInfo payload (`client key | nonce | box`), proving the
+    /// client holds the private half of the key it claims.
+    pub fn open_client_info(&self, payload: &[u8]) -> Result<(PublicKey, ClientInfo), HandshakeError> {
+        if payload.len() < KEY_LEN + NONCE_LEN {
+            return Err(HandshakeError::TooShort(payload.len()));
+        }
+        let client = PublicKey::from_slice(&payload[..KEY_LEN]).ok_or(HandshakeError::TooShort(payload.len()))?;
+        let nonce = crypto_box::Nonce::from_slice(&payload[KEY_LEN..KEY_LEN + NONCE_LEN]);
+        let sbox = SalsaBox::new(&crypto_box::PublicKey::from(client.0), &self.secret);
+        let json = sbox
+            .decrypt(nonce, &payload[KEY_LEN + NONCE_LEN..])
+            .map_err(|_| HandshakeError::BadBox)?;
+        let v: Value = serde_json::from_slice(&json).map_err(|_| HandshakeError::BadJson)?;
+        Ok((client, ClientInfo::from_json(&v)?))
+    }
+
+    /// Seals the ServerInfo JSON to `client`: returns `nonce | box`.
+    pub fn seal_server_info(&self, client: &PublicKey, json: &[u8]) -> Vec<u8> {
+        seal(&self.secret, client, json)
+    }
+}
+
+/// The ServerInfo JSON this relay sends.
+pub fn server_info_json(token_bucket: Option<(u64, u64)>) -> Vec<u8> {
+    let mut v = serde_json::json!({ "version": PROTOCOL_VERSION });
+    if let Some((rate, burst)) = token_bucket {
+        v["tokenBucketBytesPerSecond"] = rate.into();
+        v["tokenBucketBytesBurst"] = burst.into();
+    }
+    v.to_string().into_bytes()
+}
+
+fn seal(secret: &SecretKey, to: &PublicKey, plaintext: &[u8]) -> Vec<u8> {
+    let sbox = SalsaBox::new(&crypto_box::PublicKey::from(to.0), secret);
+    let nonce = SalsaBox::generate_nonce(&mut OsRng);
+    let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
+    out.extend_from_slice(&nonce);
+    // Encryption of an in-memory buffer with a fresh nonce cannot fail.
+    out.extend_from_slice(&sbox.encrypt(&nonce, plaintext).unwrap_or_default());
+    out
+}
+
+/// Client side of the handshake, for our own load generator and probe.
+pub struct ClientSecret {
+    secret: SecretKey,
+    public: PublicKey,
+}
+
+impl ClientSecret {
+    pub fn generate() -> Self {
+        Self::from_bytes(SecretKey::generate(&mut OsRng).to_bytes())
+    }
+
+    pub fn from_bytes(b: [u8; 32]) -> Self {
+        let secret = SecretKey::from_bytes(b);
+        let public = PublicKey(*secret.public_key().as_bytes());
+        ClientSecret { secret, public }
+    }
+
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.secret.to_bytes()
+    }
+
+    pub fn public(&self) -> PublicKey {
+        self.public
+    }
+
+    /// Builds a ClientInfo payload (`key | nonce | box`) for `server`.
+    pub fn seal_client_info(&self, server: &PublicKey, json: &[u8]) -> Vec<u8> {
+        let mut out = self.public.0.to_vec();
+        out.extend_from_slice(&seal(&self.secret, server, json));
+        out
+    }
+
+    /// Opens ServerInfo and checks the protocol version.
+    pub fn open_server_info(&self, server: &PublicKey, payload: &[u8]) -> Result<Value, HandshakeError> {
+        if payload.len() < NONCE_LEN || payload.len() > NONCE_LEN + MAX_INFO_LEN {
+            return Err(HandshakeError::TooShort(payload.len()));
+        }
+        let sbox = SalsaBox::new(&crypto_box::PublicKey::from(server.0), &self.secret);
+        let json = sbox
+            .decrypt(crypto_box::Nonce::from_slice(&payload[..NONCE_LEN]), &payload[NONCE_LEN..])
+            .map_err(|_| HandshakeError::BadBox)?;
+        let v: Value = serde_json::from_slice(&json).map_err(|_| HandshakeError::BadJson)?;
+        let version = v.get("version").and_then(Value::as_i64).unwrap_or(0);
+        if version != i64::from(PROTOCOL_VERSION) {
+            return Err(HandshakeError::Version(version));
+        }
+        Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_info_round_trip_go_spelling() {
+        let server = ServerSecret::generate();
+        let client = ClientSecret::generate();
+        let json = br#"{"version":2,"CanAckPings":true,"meshKey":"","AppName":"x","Extra":[1]}"#;
+        let payload = client.seal_client_info(&server.public(), json);
+        let (key, info) = server.open_client_info(&payload).unwrap();
+        assert_eq!(key, client.public());
+        assert_eq!(info.version, 2);
+        assert!(info.can_ack_pings);
+        assert_eq!(info.mesh_key, None);
+        assert_eq!(info.app_name.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn client_info_ts_derp_spelling() {
+        let server = ServerSecret::generate();
+        let client = ClientSecret::generate();
+        let json = br#"{"can_ack_pings":false,"is_prober":true,"mesh_key":"none","version":2}"#;
+        let (_, info) = server.open_client_info(&client.seal_client_info(&server.public(), json)).unwrap();
+        assert!(info.is_prober);
+        assert_eq!(info.mesh_key.as_deref(), Some("none"));
+        assert!(!info.is_mesh_peer(Some(&[0; 32])));
+    }
+
+    #[test]
+    fn mesh_key_matches_only_exactly() {
+        let want = [0xab; 32];
+        let mut info = ClientInfo { mesh_key: Some(hex::encode(want)), ..Default::default() };
+        assert!(info.is_mesh_peer(Some(&want)));
+        assert!(!info.is_mesh_peer(None));
+        info.mesh_key = Some(hex::encode([0xac; 32]));
+        assert!(!info.is_mesh_peer(Some(&want)));
+    }
+
+    #[test]
+    fn forged_client_info_is_refused() {
+        let server = ServerSecret::generate();
+        let honest = ClientSecret::generate();
+        let forger = ClientSecret::generate();
+        let mut payload = forger.seal_client_info(&server.public(), b"{}");
+        // Claim the honest client's key while the box was sealed by the forger.
+        payload[..32].copy_from_slice(&honest.public().0);
+        assert_eq!(server.open_client_info(&payload), Err(HandshakeError::BadBox));
+    }
+
+    #[test]
+    fn malformed_client_info_is_refused() {
+        let server = ServerSecret::generate();
+        let client = ClientSecret::generate();
+        assert_eq!(server.open_client_info(&[0; 10]), Err(HandshakeError::TooShort(10)));
+        let mut p = client.seal_client_info(&server.public(), b"{}");
+        let last = p.len() - 1;
+        p[last] ^= 1;
+        assert_eq!(server.open_client_info(&p), Err(HandshakeError::BadBox));
+        let p = client.seal_client_info(&server.public(), b"not json");
+        assert_eq!(server.open_client_info(&p), Err(HandshakeError::BadJson));
+        let p = client.seal_client_info(&server.public(), b"[1]");
+        assert_eq!(server.open_client_info(&p), Err(HandshakeError::BadJson));
+    }
+
+    #[test]
+    fn server_info_round_trip_and_version_check() {
+        let server = ServerSecret::generate();
+        let client = ClientSecret::generate();
+        let sealed = server.seal_server_info(&client.public(), &server_info_json(Some((10, 20))));
+        let v = client.open_server_info(&server.public(), &sealed).unwrap();
+        assert_eq!(v["tokenBucketBytesPerSecond"], 10);
+        let sealed = server.seal_server_info(&client.public(), br#"{"version":1}"#);
+        assert_eq!(client.open_server_info(&server.public(), &sealed), Err(HandshakeError::Version(1)));
+    }
+
+    #[test]
+    fn key_file_round_trip_and_errors() {
+        let s = ServerSecret::generate();
+        let back = ServerSecret::from_key_file(&s.to_key_file()).unwrap();
+        assert_eq!(back.public(), s.public());
+        assert!(ServerSecret::from_key_file("").is_err());
+        assert!(ServerSecret::from_key_file(r#"{"PrivateKey":"nope"}"#).is_err());
+        assert!(ServerSecret::from_key_file(r#"{"PrivateKey":"privkey:abcd"}"#).is_err());
+    }
+}
