@@ -1,4 +1,12 @@
 //! derp-relay: a DERP v2 relay server. See README.md for operation and
-//! `../shared/DESIGN.md` for the architecture.
+//! DESIGN.md (in the team's shared folder) for the architecture.
 
+pub mod actors;
+pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod protocol;
+pub mod relay;
+
+pub use config::Config;
+pub use relay::Relay;

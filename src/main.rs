@@ -1,1 +1,83 @@
-fn main(){}
+//! derp-relay's entry point: configuration, logging, the relay, and signals.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use derp_relay::config::{Config, Flags, LogFormat};
+use derp_relay::Relay;
+
+#[derive(Parser)]
+#[command(name = "derp-relay", version, about = "A self-hosted DERP relay for Tailscale-compatible clients")]
+struct Cli {
+    #[command(flatten)]
+    flags: Flags,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("derp-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("derp-relay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            eprintln!("derp-relay: cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut relay = match Relay::start(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("derp-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let failure = tokio::select! {
+        _ = term.recv() => None,
+        _ = int.recv() => None,
+        why = relay.failed() => Some(why),
+    };
+    tracing::info!("stopping: draining clients (a second signal exits at once)");
+    let drain = relay.shutdown();
+    tokio::select! {
+        left = drain => {
+            tracing::info!(cut = left, "stopped");
+        }
+        _ = term.recv() => { tracing::warn!("second signal: exiting now"); }
+        _ = int.recv() => { tracing::warn!("second signal: exiting now"); }
+    }
+    match failure {
+        Some(why) => {
+            eprintln!("derp-relay: {why}");
+            ExitCode::FAILURE
+        }
+        None => ExitCode::SUCCESS,
+    }
+}

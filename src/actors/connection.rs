@@ -1,0 +1,431 @@
+//! One client connection: the handshake, then an actor that owns the
+//! connection's two tasks.
+//!
+//! The reader task decodes frames and routes packets straight into the
+//! destination's [`SendQueue`](super::send_queue::SendQueue) via the shared
+//! routing table. The writer task drains this client's own queue and writes
+//! whole batches. The actor itself only handles control messages (GoingAway,
+//! Close); when it ends for any reason, including a panic, dropping its state
+//! aborts both tasks, closes the socket and deregisters the client, so a fault
+//! costs exactly one connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinHandle;
+
+use super::registry::{ClientHandle, RegistryMsg};
+use super::send_queue::{Batch, Control};
+use super::transport::{ConnReader, ConnWriter};
+use crate::metrics::{DropReason, RefuseReason, Transport};
+use crate::protocol::frame::{self, FrameType};
+use crate::protocol::handshake::server_info_json;
+use crate::protocol::{ClientFrame, ClientInfo, FrameError, PeerGoneReason, PublicKey};
+use crate::relay::{ClientSlot, Shared};
+
+/// Smallest read reservation; idle clients settle here, busy ones grow.
+const MIN_READ: usize = 1024;
+const MAX_READ: usize = 64 << 10;
+/// Write buffers larger than this are released after a batch rather than kept.
+const KEEP_WRITE_BUF: usize = 256 << 10;
+/// PeerGone(NotHere) answers per sender: burst, then one per second.
+const NOT_HERE_BURST: f64 = 3.0;
+/// Restarting frame: when to come back and for how long to keep trying.
+const RECONNECT_IN_MS: u32 = 1_000;
+const TRY_FOR_MS: u32 = 30_000;
+
+/// Control messages for a connection actor.
+#[derive(Debug)]
+pub enum ConnMsg {
+    /// The relay is stopping: flush, say goodbye, close.
+    GoingAway,
+    /// Close now, for the given reason (logged and counted).
+    Close(&'static str),
+    /// Lets tests prove that a panicking connection is contained.
+    #[doc(hidden)]
+    CrashForTest,
+}
+
+/// Why a handshake did not produce a client.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeFailure {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Crypto(#[from] crate::protocol::HandshakeError),
+    #[error("connection closed before ClientInfo")]
+    Eof,
+    #[error("deadline passed")]
+    Timeout,
+}
+
+/// Runs the DERP handshake on a freshly upgraded connection and, if the client
+/// proves its key and is admitted, starts its connection actor.
+pub async fn accept(
+    mut reader: ConnReader,
+    mut writer: ConnWriter,
+    shared: Arc<Shared>,
+    remote: SocketAddr,
+    transport: Transport,
+    slot: ClientSlot,
+) {
+    let started = Instant::now();
+    let deadline = shared.config.handshake_timeout;
+    let hs = tokio::time::timeout(deadline, handshake(&mut reader, &mut writer, &shared)).await;
+    let (key, info, buf) = match hs.unwrap_or(Err(HandshakeFailure::Timeout)) {
+        Ok(v) => v,
+        Err(e) => {
+            shared.metrics.refused(RefuseReason::BadHandshake);
+            tracing::debug!(target: "derp_relay::core", %remote, error = %e, "handshake failed");
+            writer.close().await;
+            return;
+        }
+    };
+    if let Err(reason) = shared.admit(&key, remote) {
+        shared.metrics.refused(reason);
+        tracing::info!(target: "derp_relay::admission", %remote, %key, reason = reason.as_str(), "client refused");
+        writer.close().await;
+        return;
+    }
+
+    let sealed = shared.secret.seal_server_info(&key, &server_info_json(None));
+    let mut server_info = BytesMut::new();
+    frame::encode_server_info(&mut server_info, &sealed);
+
+    let args = ConnArgs {
+        shared: shared.clone(),
+        key,
+        info,
+        remote,
+        transport,
+        reader,
+        writer,
+        read_buf: buf,
+        server_info,
+        slot,
+    };
+    let Some(root) = shared.root_cell() else {
+        return; // the relay is stopping
+    };
+    match Actor::spawn_linked(None, ConnectionActor, args, root).await {
+        Ok(_) => {
+            shared.metrics.connections_accepted.inc();
+            shared.metrics.handshake_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        Err(e) => {
+            shared.metrics.refused(RefuseReason::ShuttingDown);
+            tracing::debug!(target: "derp_relay::core", %remote, %key, error = %e, "client not registered");
+        }
+    }
+}
+
+async fn handshake(
+    reader: &mut ConnReader,
+    writer: &mut ConnWriter,
+    shared: &Shared,
+) -> Result<(PublicKey, ClientInfo, BytesMut), HandshakeFailure> {
+    let mut out = BytesMut::new();
+    frame::encode_server_key(&mut out, &shared.secret.public());
+    writer.write_batch(&mut out, false).await?;
+
+    // Only ClientInfo is acceptable first; any other type fails on its header.
+    let limit = |t: u8| {
+        if t == FrameType::ClientInfo as u8 { frame::client_frame_limit(t) } else { 0 }
+    };
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(f) = frame::decode_frame(&mut buf, limit)? {
+            if f.frame_type != FrameType::ClientInfo as u8 {
+                return Err(FrameError::WrongType { expected: FrameType::ClientInfo as u8, got: f.frame_type }.into());
+            }
+            let (key, info) = shared.secret.open_client_info(&f.payload)?;
+            // Whatever the client pipelined after ClientInfo stays in `buf`.
+            return Ok((key, info, buf));
+        }
+        let need = frame::bytes_needed(&buf);
+        if reader.read_some(&mut buf, need.max(256)).await? == 0 {
+            return Err(HandshakeFailure::Eof);
+        }
+    }
+}
+
+pub struct ConnectionActor;
+
+pub struct ConnArgs {
+    shared: Arc<Shared>,
+    key: PublicKey,
+    info: ClientInfo,
+    remote: SocketAddr,
+    transport: Transport,
+    reader: ConnReader,
+    writer: ConnWriter,
+    read_buf: BytesMut,
+    server_info: BytesMut,
+    slot: ClientSlot,
+}
+
+pub struct ConnState {
+    handle: Arc<ClientHandle>,
+    shared: Arc<Shared>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+    _slot: ClientSlot,
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+        let lost = self.handle.queue.close();
+        self.shared.metrics.dropped(DropReason::GoneDisconnected).inc_by(lost as u64);
+        if let Some(reg) = self.shared.registry() {
+            let _ = reg.cast(RegistryMsg::Deregister(self.handle.clone()));
+        }
+        tracing::debug!(target: "derp_relay::core", key = %self.handle.key, conn = self.handle.conn_id, "client disconnected");
+    }
+}
+
+impl Actor for ConnectionActor {
+    type Msg = ConnMsg;
+    type State = ConnState;
+    type Arguments = ConnArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ConnMsg>,
+        a: ConnArgs,
+    ) -> Result<ConnState, ActorProcessingErr> {
+        let shared = a.shared;
+        let handle = Arc::new(ClientHandle::new(
+            a.key,
+            shared.next_conn_id(),
+            a.transport,
+            a.remote,
+            shared.config.queue_depth,
+            myself.clone(),
+        ));
+        let registry = shared.registry().ok_or("registry is not running")?;
+        let admitted = ractor::call_t!(registry, RegistryMsg::Register, 5_000, handle.clone())?;
+        if !admitted {
+            return Err("relay is shutting down".into());
+        }
+        tracing::debug!(
+            target: "derp_relay::core",
+            key = %a.key, conn = handle.conn_id, remote = %a.remote,
+            transport = a.transport.as_str(), version = a.info.version,
+            "client connected"
+        );
+        let writer = tokio::spawn(write_loop(a.writer, a.server_info, handle.clone(), shared.clone()));
+        let reader = tokio::spawn(read_loop(a.reader, a.read_buf, handle.clone(), shared.clone()));
+        Ok(ConnState { handle, shared, reader, writer, _slot: a.slot })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ConnMsg>,
+        msg: ConnMsg,
+        st: &mut ConnState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ConnMsg::GoingAway => st.handle.queue.going_away(),
+            ConnMsg::Close(why) => {
+                st.shared.metrics.disconnects.with_label_values(&[why]).inc();
+                myself.stop(Some(why.to_string()));
+            }
+            ConnMsg::CrashForTest => panic!("connection crash requested by a test"),
+        }
+        Ok(())
+    }
+}
+
+/// Tells the actor its connection is over; the actor's teardown does the rest.
+fn finish(handle: &ClientHandle, why: &'static str) {
+    let _ = handle.actor.cast(ConnMsg::Close(why));
+}
+
+/// Token bucket for PeerGone(NotHere) answers, refilled at 1/s.
+struct NotHereLimit {
+    tokens: f64,
+    at: Instant,
+}
+
+impl NotHereLimit {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64()).min(NOT_HERE_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn read_loop(mut rd: ConnReader, mut buf: BytesMut, h: Arc<ClientHandle>, shared: Arc<Shared>) {
+    let why = read_frames(&mut rd, &mut buf, &h, &shared).await;
+    finish(&h, why);
+}
+
+async fn read_frames(
+    rd: &mut ConnReader,
+    buf: &mut BytesMut,
+    h: &Arc<ClientHandle>,
+    shared: &Shared,
+) -> &'static str {
+    let m = &shared.metrics;
+    let mut hint = MIN_READ;
+    // The last destination recorded for PeerGone, to skip the lock when a
+    // client keeps sending to the same peer.
+    let mut last_dst: Option<(PublicKey, u64)> = None;
+    let mut not_here = NotHereLimit { tokens: NOT_HERE_BURST, at: Instant::now() };
+    loop {
+        loop {
+            let f = match frame::decode_frame(buf, frame::client_frame_limit) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "bad frame");
+                    return "bad_frame";
+                }
+            };
+            let f = match ClientFrame::parse(f) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "bad frame");
+                    return "bad_frame";
+                }
+            };
+            match f {
+                ClientFrame::SendPacket { dst, packet } => {
+                    m.bytes_received.inc_by(packet.len() as u64);
+                    if h.should_request_activity() {
+                        if let Some(reg) = shared.registry() {
+                            let _ = reg.cast(RegistryMsg::Activity(h.clone()));
+                        }
+                    }
+                    let disco = frame::is_disco(&packet);
+                    match shared.clients.route(h.key, &dst, packet, disco) {
+                        Ok((dst_conn, head_drop)) => {
+                            m.packets_routed.inc();
+                            if let Some(r) = head_drop {
+                                m.dropped(r).inc();
+                            }
+                            if last_dst != Some((dst, dst_conn)) {
+                                h.note_sent_to(dst, dst_conn);
+                                last_dst = Some((dst, dst_conn));
+                            }
+                        }
+                        Err(r) => {
+                            m.dropped(r).inc();
+                            if r == DropReason::UnknownDest && disco && not_here.take() {
+                                h.queue.push_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
+                            }
+                        }
+                    }
+                }
+                ClientFrame::Ping(data) => {
+                    h.queue.push_control(Control::Pong(data));
+                }
+                ClientFrame::NotePreferred(p) => {
+                    let was = h.set_preferred(p);
+                    if p && !was {
+                        m.clients_home.inc();
+                    } else if !p && was {
+                        m.clients_home.dec();
+                    }
+                }
+                ClientFrame::Pong(_) | ClientFrame::Unknown(_) => {}
+                // Mesh frames from a client that did not present the mesh key.
+                ClientFrame::WatchConns | ClientFrame::ClosePeer(_) | ClientFrame::ForwardPacket { .. } => {
+                    tracing::info!(target: "derp_relay::core", key = %h.key, "mesh frame from a non-mesh client");
+                    return "mesh_frame_from_client";
+                }
+            }
+        }
+        if buf.is_empty() && buf.capacity() > 4 * hint {
+            *buf = BytesMut::new(); // give a burst's buffer back once it is drained
+        }
+        let want = frame::bytes_needed(buf).max(hint);
+        match rd.read_some(buf, want).await {
+            Ok(0) => return "eof",
+            Ok(n) => {
+                if n >= want {
+                    hint = (hint * 2).min(MAX_READ);
+                } else if n < hint / 4 {
+                    hint = (hint / 2).max(MIN_READ);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "read failed");
+                return "read_error";
+            }
+        }
+    }
+}
+
+async fn write_loop(mut wr: ConnWriter, mut out: BytesMut, h: Arc<ClientHandle>, shared: Arc<Shared>) {
+    let why = write_frames(&mut wr, &mut out, &h, &shared).await;
+    if why != "going_away" {
+        wr.close().await;
+    }
+    finish(&h, why);
+}
+
+async fn write_frames(
+    wr: &mut ConnWriter,
+    out: &mut BytesMut,
+    h: &ClientHandle,
+    shared: &Shared,
+) -> &'static str {
+    let m = &shared.metrics;
+    let timeout = shared.config.write_timeout;
+    if tokio::time::timeout(timeout, wr.write_batch(out, false)).await.map_or(true, |r| r.is_err()) {
+        return "write_error";
+    }
+    let mut batch = Batch::default();
+    loop {
+        h.queue.next_batch(&mut batch).await;
+        let mut ping = false;
+        for c in batch.control.drain(..) {
+            match c {
+                Control::Pong(d) => frame::encode_pong(out, d),
+                Control::PeerGone(k, r) => frame::encode_peer_gone(out, &k, r),
+                Control::KeepAlive => {
+                    frame::encode_keepalive(out);
+                    ping = true;
+                }
+            }
+        }
+        let packets = batch.packet_count() as u64;
+        let mut bytes = 0u64;
+        for (src, data) in batch.disco.drain(..).chain(batch.packets.drain(..)) {
+            bytes += data.len() as u64;
+            frame::encode_recv_packet(out, &src, &data);
+            drop::<Bytes>(data);
+        }
+        if !out.is_empty() {
+            let res = tokio::time::timeout(timeout, wr.write_batch(out, ping)).await;
+            if !matches!(res, Ok(Ok(()))) {
+                m.dropped(DropReason::WriteError).inc_by(packets);
+                tracing::debug!(target: "derp_relay::core", key = %h.key, timed_out = res.is_err(), "write failed");
+                return "write_error";
+            }
+            m.bytes_sent.inc_by(bytes);
+            out.clear();
+            if out.capacity() > KEEP_WRITE_BUF {
+                *out = BytesMut::new();
+            }
+        }
+        if batch.going_away {
+            let _ = tokio::time::timeout(timeout, wr.goodbye(RECONNECT_IN_MS, TRY_FOR_MS)).await;
+            return "going_away";
+        }
+    }
+}

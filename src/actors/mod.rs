@@ -1,0 +1,8 @@
+//! The supervisor tree (see DESIGN.md §1): RootSupervisor, Registry, and one
+//! actor per connection, plus the send queue and transports they share.
+
+pub mod connection;
+pub mod registry;
+pub mod send_queue;
+pub mod supervisor;
+pub mod transport;

@@ -1,0 +1,129 @@
+//! The two ways a client's bytes reach us, behind one reader and one writer
+//! type, so the connection logic is written once.
+//!
+//! HTTP `Upgrade: DERP` gives a raw byte stream. WebSocket carries the same
+//! byte stream in binary messages, which may split or merge frames freely; the
+//! reader flattens messages back into bytes and the frame decoder does the rest.
+
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::protocol::frame;
+
+pub type RawIo = TokioIo<Upgraded>;
+type Ws = WebSocketStream<RawIo>;
+
+pub enum ConnReader {
+    Derp(ReadHalf<RawIo>),
+    Ws(SplitStream<Ws>),
+}
+
+pub enum ConnWriter {
+    Derp(WriteHalf<RawIo>),
+    Ws(SplitSink<Ws, Message>),
+}
+
+/// Splits an upgraded DERP stream.
+pub fn derp(io: RawIo) -> (ConnReader, ConnWriter) {
+    let (r, w) = tokio::io::split(io);
+    (ConnReader::Derp(r), ConnWriter::Derp(w))
+}
+
+/// Splits a WebSocket.
+pub fn websocket(ws: Ws) -> (ConnReader, ConnWriter) {
+    let (w, r) = ws.split();
+    (ConnReader::Ws(r), ConnWriter::Ws(w))
+}
+
+impl ConnReader {
+    /// Appends whatever arrives next to `buf` (after reserving `hint` bytes for a
+    /// raw stream). Returns 0 at end of stream.
+    pub async fn read_some(&mut self, buf: &mut BytesMut, hint: usize) -> io::Result<usize> {
+        match self {
+            ConnReader::Derp(r) => {
+                buf.reserve(hint);
+                r.read_buf(buf).await
+            }
+            ConnReader::Ws(r) => loop {
+                match r.next().await {
+                    None => return Ok(0),
+                    Some(Err(e)) => return Err(io::Error::other(e)),
+                    Some(Ok(Message::Binary(b))) => {
+                        if b.is_empty() {
+                            continue;
+                        }
+                        buf.extend_from_slice(&b);
+                        return Ok(b.len());
+                    }
+                    Some(Ok(Message::Close(_))) => return Ok(0),
+                    Some(Ok(Message::Text(_))) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "text WebSocket message; DERP uses binary messages",
+                        ));
+                    }
+                    // Pings are answered by tungstenite itself.
+                    Some(Ok(_)) => continue,
+                }
+            },
+        }
+    }
+}
+
+impl ConnWriter {
+    /// Writes one batch of whole frames: one write (or one WebSocket message).
+    /// `ping` also sends a WebSocket-level ping, which proxies in the path see
+    /// as traffic.
+    pub async fn write_batch(&mut self, buf: &mut BytesMut, ping: bool) -> io::Result<()> {
+        match self {
+            ConnWriter::Derp(w) => {
+                w.write_all(buf).await?;
+                buf.clear();
+                w.flush().await
+            }
+            ConnWriter::Ws(w) => {
+                if ping {
+                    w.feed(Message::Ping(Bytes::new())).await.map_err(io::Error::other)?;
+                }
+                w.send(Message::Binary(buf.split().freeze())).await.map_err(io::Error::other)
+            }
+        }
+    }
+
+    /// Tells the client the relay is going away and closes: a Restarting frame
+    /// on raw DERP (reconnect after `reconnect_in_ms`, keep trying for
+    /// `try_for_ms`), close code 1001 on WebSocket.
+    pub async fn goodbye(&mut self, reconnect_in_ms: u32, try_for_ms: u32) -> io::Result<()> {
+        match self {
+            ConnWriter::Derp(w) => {
+                let mut b = BytesMut::new();
+                frame::encode_restarting(&mut b, reconnect_in_ms, try_for_ms);
+                w.write_all(&b).await?;
+                w.shutdown().await
+            }
+            ConnWriter::Ws(w) => {
+                let close = CloseFrame { code: CloseCode::Away, reason: "derp-relay restarting".into() };
+                w.send(Message::Close(Some(close))).await.map_err(io::Error::other)?;
+                w.close().await.map_err(io::Error::other)
+            }
+        }
+    }
+
+    /// Best-effort close after an error.
+    pub async fn close(&mut self) {
+        let _ = match self {
+            ConnWriter::Derp(w) => w.shutdown().await,
+            ConnWriter::Ws(w) => w.close().await.map_err(io::Error::other),
+        };
+    }
+}

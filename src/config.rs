@@ -1,0 +1,346 @@
+//! Configuration: built-in defaults < TOML file (`--config`) < environment
+//! (`DERP_RELAY_*`) < command-line flags, merged with figment.
+//!
+//! Every value is validated before anything starts, and a bad one is reported as
+//! one line naming the setting, where it came from (flag, env var, or file:line)
+//! and what is wrong, so an operator can fix it without reading code.
+
+use std::fmt;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The relay's settings after merging every source.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listen address; `:8443` means every interface.
+    pub addr: String,
+    /// Upgraded connections allowed at once; 0 = no cap.
+    pub max_clients: usize,
+    /// How often each client gets a KeepAlive (and a WebSocket ping).
+    #[serde(with = "duration_text")]
+    pub ping_interval: Duration,
+    /// Where the server key (and later the TOFU bindings) live.
+    pub data_dir: PathBuf,
+    /// Admit any key. Without it an allowed-keys file is required (see README).
+    pub open_relay: bool,
+    pub log_format: LogFormat,
+    /// Packets queued per client (and again for disco packets) before the oldest is dropped.
+    pub queue_depth: usize,
+    /// A client whose socket does not take a batch within this long is disconnected.
+    #[serde(with = "duration_text")]
+    pub write_timeout: Duration,
+    /// Deadline for the DERP handshake after the upgrade.
+    #[serde(with = "duration_text")]
+    pub handshake_timeout: Duration,
+    /// How long a graceful stop may take before remaining connections are cut.
+    #[serde(with = "duration_text")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            addr: ":8443".into(),
+            max_clients: 10_000,
+            ping_interval: Duration::from_secs(30),
+            data_dir: PathBuf::from("data"),
+            open_relay: false,
+            log_format: LogFormat::Text,
+            queue_depth: 32,
+            write_timeout: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Flags of the `run` form of the binary. Every one is optional so that only the
+/// flags actually given override lower layers.
+#[derive(Debug, Default, Clone, Args, Serialize)]
+pub struct Flags {
+    /// TOML config file (every key is documented in config/derp-relay.toml).
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Listen address, e.g. `:8443`, `0.0.0.0:8443`, `[::]:8443`, `127.0.0.1:0`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// Maximum concurrent clients (0 = unlimited).
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_clients: Option<usize>,
+    /// KeepAlive interval, e.g. `30s`, `2m`.
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ping_interval: Option<String>,
+    /// Directory for the server key and bindings.
+    #[arg(long, value_name = "DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Admit every client key (no allowed-keys file).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub open_relay: bool,
+    /// Log format.
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    /// Per-client send queue depth in packets (plus as many for disco packets).
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_depth: Option<usize>,
+    /// Per-batch socket write timeout, e.g. `2s`.
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_timeout: Option<String>,
+    /// Handshake deadline, e.g. `10s`.
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout: Option<String>,
+    /// Graceful shutdown deadline, e.g. `30s`.
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout: Option<String>,
+}
+
+/// A configuration problem, already phrased for the operator.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+pub const ENV_PREFIX: &str = "DERP_RELAY_";
+
+impl Config {
+    /// Merges defaults, the config file, the environment and `flags`, then validates.
+    pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+        Self::load_from(flags, Env::prefixed(ENV_PREFIX))
+    }
+
+    fn load_from(flags: &Flags, env: Env) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &flags.config {
+            // Read it ourselves first: figment treats a missing file as empty.
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
+            if let Err(e) = text.parse::<toml::Table>() {
+                let line = e.span().map(|s| line_of_offset(&text, s.start)).unwrap_or(0);
+                return Err(ConfigError(format!(
+                    "{}:{line}: {}",
+                    path.display(),
+                    e.message()
+                )));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig
+            .merge(env.ignore(&["CONFIG"]))
+            .merge(Serialized::defaults(flags));
+        let config: Config = fig.extract().map_err(|e| describe_figment_error(e, flags))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if self.queue_depth == 0 {
+            return Err(ConfigError("queue_depth: must be at least 1".into()));
+        }
+        for (name, d) in [
+            ("ping_interval", self.ping_interval),
+            ("write_timeout", self.write_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError(format!("{name}: must be longer than 0s")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen address as a socket address (`:PORT` listens on every interface).
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let a = self.addr.trim();
+        let parsed = if let Some(port) = a.strip_prefix(':') {
+            port.parse::<u16>()
+                .map(|p| SocketAddr::from((Ipv6Addr::UNSPECIFIED, p)))
+                .map_err(|e| e.to_string())
+        } else {
+            a.parse::<SocketAddr>().map_err(|e| e.to_string())
+        };
+        parsed.map_err(|e| {
+            ConfigError(format!(
+                "addr: {a:?} is not a listen address like \":8443\" or \"127.0.0.1:8443\": {e}"
+            ))
+        })
+    }
+
+    pub fn server_key_path(&self) -> PathBuf {
+        self.data_dir.join("derp.key")
+    }
+}
+
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Finds the line where `key` is assigned in a TOML file, for error messages.
+fn line_of_key(path: &Path, key: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().position(|l| {
+        let l = l.trim_start();
+        l.strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+    })
+    .map(|i| i + 1)
+}
+
+fn describe_figment_error(e: figment::Error, flags: &Flags) -> ConfigError {
+    let key = e.path.join(".");
+    let source = match e.metadata.as_ref() {
+        Some(md) => match &md.source {
+            Some(figment::Source::File(p)) => match line_of_key(p, &key) {
+                Some(line) => format!("{}:{line}", p.display()),
+                None => p.display().to_string(),
+            },
+            _ if md.name.contains("environment") || md.name.contains("env") => {
+                format!("environment variable {ENV_PREFIX}{}", key.to_uppercase())
+            }
+            _ if md.name.contains("Flags") || md.name.contains("flags") => {
+                format!("flag --{}", key.replace('_', "-"))
+            }
+            _ => md.name.to_string(),
+        },
+        None => "configuration".into(),
+    };
+    let _ = flags;
+    let what = e.kind.to_string();
+    if key.is_empty() {
+        ConfigError(format!("{source}: {what}"))
+    } else {
+        ConfigError(format!("{key} ({source}): {what}"))
+    }
+}
+
+/// Durations as text (`30s`, `2m`, `1h 30m`) or as a bare number of seconds.
+mod duration_text {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
+                serde::de::Error::custom(format!("{t:?} is not a duration like \"30s\" or \"2m\" ({e})"))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn no_env() -> Env {
+        Env::prefixed("DERP_RELAY_TEST_UNUSED_PREFIX_")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_from(&Flags::default(), no_env()).unwrap();
+        assert_eq!(c.addr, ":8443");
+        assert_eq!(c.max_clients, 10_000);
+        assert_eq!(c.ping_interval, Duration::from_secs(30));
+        assert_eq!(c.listen_addr().unwrap().port(), 8443);
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "max_clients = 5\nping_interval = \"2m\"\naddr = \"127.0.0.1:1\"").unwrap();
+        let flags = Flags {
+            config: Some(f.path().to_path_buf()),
+            addr: Some("127.0.0.1:2".into()),
+            ..Default::default()
+        };
+        let c = Config::load_from(&flags, no_env()).unwrap();
+        assert_eq!(c.max_clients, 5);
+        assert_eq!(c.ping_interval, Duration::from_secs(120));
+        assert_eq!(c.addr, "127.0.0.1:2");
+    }
+
+    #[test]
+    fn file_errors_name_file_and_line() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "# comment\naddr = \"127.0.0.1:1\"\nping_interval = \"soon\"").unwrap();
+        let flags = Flags { config: Some(f.path().to_path_buf()), ..Default::default() };
+        let e = Config::load_from(&flags, no_env()).unwrap_err().0;
+        assert!(e.contains(&format!("{}:3", f.path().display())), "{e}");
+        assert!(e.contains("ping_interval"), "{e}");
+
+        let mut g = tempfile::NamedTempFile::new().unwrap();
+        writeln!(g, "addr = \n").unwrap();
+        let flags = Flags { config: Some(g.path().to_path_buf()), ..Default::default() };
+        let e = Config::load_from(&flags, no_env()).unwrap_err().0;
+        assert!(e.starts_with(&format!("{}:1", g.path().display())), "{e}");
+
+        let mut h = tempfile::NamedTempFile::new().unwrap();
+        writeln!(h, "no_such_key = 1").unwrap();
+        let flags = Flags { config: Some(h.path().to_path_buf()), ..Default::default() };
+        let e = Config::load_from(&flags, no_env()).unwrap_err().0;
+        assert!(e.contains("no_such_key"), "{e}");
+    }
+
+    #[test]
+    fn flag_errors_name_the_flag() {
+        let flags = Flags { ping_interval: Some("fast".into()), ..Default::default() };
+        let e = Config::load_from(&flags, no_env()).unwrap_err().0;
+        assert!(e.contains("--ping-interval"), "{e}");
+        let flags = Flags { addr: Some("nonsense".into()), ..Default::default() };
+        let e = Config::load_from(&flags, no_env()).unwrap_err().0;
+        assert!(e.starts_with("addr:"), "{e}");
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        // SAFETY: only this test uses this prefix.
+        unsafe { std::env::set_var("DERP_RELAY_CFGTEST_MAX_CLIENTS", "many") };
+        let e = Config::load_from(&Flags::default(), Env::prefixed("DERP_RELAY_CFGTEST_"))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("MAX_CLIENTS"), "{e}");
+    }
+}

@@ -1,0 +1,135 @@
+//! `/derp`: decides which transport a request asks for, answers `101`, and
+//! hands the upgraded stream to the connection's handshake.
+//!
+//! warp has no filter for a raw `Upgrade: DERP`, so both upgrades are done the
+//! same way: take hyper's `OnUpgrade` from the request, reply `101` with the
+//! right headers, and await the raw stream in a task. Doing the WebSocket
+//! handshake here too lets us configure tungstenite's buffers (see `ws_config`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use warp::reply::Response;
+
+use super::PeerAddr;
+use super::routes::text;
+use crate::actors::{connection, transport};
+use crate::metrics::{RefuseReason, Transport};
+use crate::protocol::frame::MAX_INFO_LEN;
+use crate::relay::{ClientSlot, Shared};
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// WebSocket settings: small buffers (an idle client must cost a few KiB) and a
+/// message limit that fits the largest frame, ClientInfo, with room to spare.
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 << 10)
+        .write_buffer_size(0)
+        .max_message_size(Some(2 * MAX_INFO_LEN))
+        .max_frame_size(Some(2 * MAX_INFO_LEN))
+}
+
+pub fn handle(
+    shared: Arc<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    on_upgrade: Option<OnUpgrade>,
+    peer: Option<PeerAddr>,
+) -> Response {
+    if method != Method::GET && method != Method::POST {
+        // ts_derp upgrades with POST, Tailscale's Go client with GET.
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+    }
+    let transport = if header_has_token(&headers, header::UPGRADE, "derp") {
+        Transport::Derp
+    } else if header_has_token(&headers, header::UPGRADE, "websocket") {
+        if !header_has_token(&headers, header::SEC_WEBSOCKET_PROTOCOL, "derp") {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "WebSocket clients must request subprotocol \"derp\" (Sec-WebSocket-Protocol: derp)\n",
+            );
+        }
+        Transport::WebSocket
+    } else {
+        return text(StatusCode::UPGRADE_REQUIRED, "DERP requires connection upgrade\n");
+    };
+    let (Some(on_upgrade), Some(PeerAddr(remote))) = (on_upgrade, peer) else {
+        return text(StatusCode::UPGRADE_REQUIRED, "DERP requires an HTTP/1.1 connection upgrade\n");
+    };
+    if shared.is_draining() {
+        shared.metrics.refused(RefuseReason::ShuttingDown);
+        return text(StatusCode::SERVICE_UNAVAILABLE, "relay is shutting down\n");
+    }
+    let Some(slot) = shared.try_client_slot() else {
+        shared.metrics.refused(RefuseReason::Cap);
+        return text(StatusCode::SERVICE_UNAVAILABLE, "relay is at its client limit\n");
+    };
+
+    let mut resp = Response::new("".into());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    match transport {
+        Transport::Derp => {
+            h.insert(header::UPGRADE, HeaderValue::from_static("DERP"));
+            h.insert("derp-version", HeaderValue::from_static("2"));
+            if let Ok(v) = HeaderValue::from_str(&hex::encode(shared.secret.public().as_bytes())) {
+                h.insert("derp-public-key", v);
+            }
+        }
+        Transport::WebSocket => {
+            let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+                return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+            };
+            if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+                return text(StatusCode::BAD_REQUEST, "unsupported Sec-WebSocket-Version (want 13)\n");
+            }
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+                h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+            }
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("derp"));
+        }
+    }
+    tokio::spawn(run_upgraded(on_upgrade, shared, remote, transport, slot));
+    resp
+}
+
+async fn run_upgraded(
+    on_upgrade: OnUpgrade,
+    shared: Arc<Shared>,
+    remote: SocketAddr,
+    transport: Transport,
+    slot: ClientSlot,
+) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(target: "derp_relay::core", %remote, error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let io = TokioIo::new(upgraded);
+    let (reader, writer) = match transport {
+        Transport::Derp => transport::derp(io),
+        Transport::WebSocket => {
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
+            transport::websocket(ws)
+        }
+    };
+    connection::accept(reader, writer, shared, remote, transport, slot).await;
+}

@@ -1,0 +1,225 @@
+//! Every number the relay keeps about itself, as Prometheus collectors.
+//!
+//! Hot-path counters are plain atomics updated in place by whoever observes the
+//! event; nothing sends an actor a message per packet. The label children used
+//! on the hot path are resolved once here, so an increment is one atomic add.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Why a packet was not delivered. A closed list, so every drop is counted
+/// under exactly one name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// No client with the destination key is connected here.
+    UnknownDest,
+    /// The destination left while the packet was queued for it.
+    GoneDisconnected,
+    /// The destination's queue was full; its oldest packet made room.
+    QueueHead,
+    /// The destination's queue was full and the new packet itself was dropped.
+    QueueTail,
+    /// Writing to the destination's socket failed or timed out.
+    WriteError,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 5] = [
+        DropReason::UnknownDest,
+        DropReason::GoneDisconnected,
+        DropReason::QueueHead,
+        DropReason::QueueTail,
+        DropReason::WriteError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::UnknownDest => "unknown_dest",
+            DropReason::GoneDisconnected => "gone_disconnected",
+            DropReason::QueueHead => "queue_head",
+            DropReason::QueueTail => "queue_tail",
+            DropReason::WriteError => "write_error",
+        }
+    }
+}
+
+/// Why a connection attempt did not become a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// The ClientInfo box did not open, or the handshake was malformed or late.
+    BadHandshake,
+    /// The client cap was reached.
+    Cap,
+    /// The key is not in the allowed-keys file.
+    Acl,
+    /// The key has no TOFU binding while `--tofu-lock` is on.
+    TofuLock,
+    /// Too many requests from the client's address.
+    RateLimit,
+    /// The relay is shutting down.
+    ShuttingDown,
+}
+
+impl RefuseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::BadHandshake => "bad_handshake",
+            RefuseReason::Cap => "cap",
+            RefuseReason::Acl => "acl",
+            RefuseReason::TofuLock => "tofu_lock",
+            RefuseReason::RateLimit => "rate_limit",
+            RefuseReason::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+/// The transport a client connected over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// HTTP/1.1 `Upgrade: DERP`, raw frames on the upgraded stream.
+    Derp,
+    /// WebSocket, subprotocol `derp`, frames in binary messages.
+    WebSocket,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Derp => "derp",
+            Transport::WebSocket => "websocket",
+        }
+    }
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub packets_routed: IntCounter,
+    pub bytes_received: IntCounter,
+    pub bytes_sent: IntCounter,
+    dropped: [IntCounter; DropReason::ALL.len()],
+    pub dropped_vec: IntCounterVec,
+    clients_derp: IntGauge,
+    clients_ws: IntGauge,
+    pub clients_home: IntGauge,
+    pub connections_accepted: IntCounter,
+    refused: IntCounterVec,
+    pub handshake_seconds: Histogram,
+    pub duplicate_keys: IntCounter,
+    pub disconnects: IntCounterVec,
+    pub actor_restarts: IntCounterVec,
+    pub connection_panics: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| {
+            // Names are fixed and distinct, so registration cannot collide.
+            let _ = registry.register(c);
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            reg(Box::new(c.clone()));
+            c
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            reg(Box::new(c.clone()));
+            c
+        };
+        let dropped_vec = counter_vec(
+            "derp_packets_dropped_total",
+            "Packets not delivered, by reason.",
+            &["reason"],
+        );
+        let dropped = DropReason::ALL.map(|r| dropped_vec.with_label_values(&[r.as_str()]));
+        let clients = IntGaugeVec::new(
+            Opts::new("derp_clients_active", "Connected clients, by transport."),
+            &["transport"],
+        )
+        .unwrap_or_else(|e| panic!("metric derp_clients_active: {e}"));
+        reg(Box::new(clients.clone()));
+        let clients_home = IntGauge::new(
+            "derp_clients_home",
+            "Connected clients that say this relay is their home (NotePreferred).",
+        )
+        .unwrap_or_else(|e| panic!("metric derp_clients_home: {e}"));
+        reg(Box::new(clients_home.clone()));
+        let handshake_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "derp_handshake_duration_seconds",
+                "Time from upgrade to admitted client.",
+            )
+            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
+        )
+        .unwrap_or_else(|e| panic!("metric derp_handshake_duration_seconds: {e}"));
+        reg(Box::new(handshake_seconds.clone()));
+        let refused = counter_vec(
+            "derp_connections_refused_total",
+            "Connection attempts refused, by reason.",
+            &["reason"],
+        );
+        Metrics {
+            packets_routed: counter("derp_packets_routed_total", "Packets queued to their destination."),
+            bytes_received: counter("derp_received_bytes_total", "Packet payload bytes received from clients."),
+            bytes_sent: counter("derp_sent_bytes_total", "Packet payload bytes written to clients."),
+            dropped,
+            dropped_vec,
+            clients_derp: clients.with_label_values(&[Transport::Derp.as_str()]),
+            clients_ws: clients.with_label_values(&[Transport::WebSocket.as_str()]),
+            clients_home,
+            connections_accepted: counter(
+                "derp_connections_accepted_total",
+                "Clients that completed the handshake and were admitted.",
+            ),
+            refused,
+            handshake_seconds,
+            duplicate_keys: counter(
+                "derp_duplicate_key_connections_total",
+                "Connections for a key that was already connected.",
+            ),
+            disconnects: counter_vec(
+                "derp_disconnects_total",
+                "Client connections that ended, by cause.",
+                &["cause"],
+            ),
+            actor_restarts: counter_vec(
+                "derp_actor_restarts_total",
+                "Long-lived actors restarted by the supervisor, by actor.",
+                &["actor"],
+            ),
+            connection_panics: counter(
+                "derp_connection_panics_total",
+                "Connection actors that panicked (the connection was closed).",
+            ),
+            registry,
+        }
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> &IntCounter {
+        &self.dropped[reason as usize]
+    }
+
+    pub fn refused(&self, reason: RefuseReason) {
+        self.refused.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    pub fn refused_count(&self, reason: RefuseReason) -> u64 {
+        self.refused.with_label_values(&[reason.as_str()]).get()
+    }
+
+    pub fn clients(&self, t: Transport) -> &IntGauge {
+        match t {
+            Transport::Derp => &self.clients_derp,
+            Transport::WebSocket => &self.clients_ws,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

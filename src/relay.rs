@@ -1,0 +1,217 @@
+//! Assembling a running relay: shared state, the supervisor tree and the HTTP
+//! front, with one handle to stop it. `main` and the integration tests both
+//! start the relay through [`Relay::start`].
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorRef};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::actors::registry::{Clients, RegistryMsg};
+use crate::actors::supervisor::{RootArgs, RootMsg, RootSupervisor};
+use crate::config::Config;
+use crate::metrics::{Metrics, RefuseReason};
+use crate::protocol::{PublicKey, ServerSecret};
+
+/// State every part of the relay reads. Written only where noted.
+pub struct Shared {
+    pub config: Config,
+    pub secret: ServerSecret,
+    pub metrics: Arc<Metrics>,
+    pub clients: Arc<Clients>,
+    /// Set once when a graceful stop begins: refuse new clients, /healthz says draining.
+    pub draining: Arc<AtomicBool>,
+    registry: RwLock<Option<ActorRef<RegistryMsg>>>,
+    root: OnceLock<ActorCell>,
+    conn_ids: AtomicU64,
+    /// Upgraded connections in handshake or registered, for `max_clients`.
+    slots: AtomicUsize,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn new(config: Config, secret: ServerSecret) -> Self {
+        Shared {
+            config,
+            secret,
+            metrics: Arc::new(Metrics::new()),
+            clients: Arc::new(Clients::default()),
+            draining: Arc::new(AtomicBool::new(false)),
+            registry: RwLock::new(None),
+            root: OnceLock::new(),
+            conn_ids: AtomicU64::new(1),
+            slots: AtomicUsize::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// The current registry actor (it changes if the registry is restarted).
+    pub fn registry(&self) -> Option<ActorRef<RegistryMsg>> {
+        self.registry.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_registry(&self, r: Option<ActorRef<RegistryMsg>>) {
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    pub(crate) fn root_cell(&self) -> Option<ActorCell> {
+        self.root.get().cloned()
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Reserves room for one more client under `max_clients` (0 = no cap).
+    pub fn try_client_slot(self: &Arc<Self>) -> Option<ClientSlot> {
+        let cap = self.config.max_clients;
+        let prev = self.slots.fetch_add(1, Ordering::AcqRel);
+        if cap != 0 && prev >= cap {
+            self.slots.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ClientSlot(self.clone()))
+    }
+
+    /// Admission after the key is proven. The open relay admits everyone.
+    pub fn admit(&self, _key: &PublicKey, _remote: SocketAddr) -> Result<(), RefuseReason> {
+        if self.is_draining() {
+            return Err(RefuseReason::ShuttingDown);
+        }
+        Ok(())
+    }
+}
+
+/// One unit of `max_clients`, released when the connection ends however it ends.
+pub struct ClientSlot(Arc<Shared>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.slots.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Loads the server key from `path`, or creates it (mode 0600) if absent.
+/// A key file that exists but does not parse is an error, never replaced.
+pub fn load_or_create_key(path: &Path) -> Result<ServerSecret, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => ServerSecret::from_key_file(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            }
+            let key = ServerSecret::generate();
+            write_private(path, key.to_key_file().as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+            tracing::info!(path = %path.display(), "created new server key");
+            Ok(key)
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// A running relay.
+pub struct Relay {
+    pub shared: Arc<Shared>,
+    addr: SocketAddr,
+    root: ActorRef<RootMsg>,
+    stop_accepting: watch::Sender<bool>,
+    accept_task: tokio::task::JoinHandle<()>,
+    fatal: watch::Receiver<Option<String>>,
+}
+
+impl Relay {
+    /// Validates, starts the supervisor tree, then binds and serves.
+    pub async fn start(config: Config) -> Result<Relay, String> {
+        let listen = config.listen_addr().map_err(|e| e.0)?;
+        let secret = load_or_create_key(&config.server_key_path())?;
+        let shared = Arc::new(Shared::new(config, secret));
+
+        let (fatal_tx, fatal) = watch::channel(None);
+        let (root, _) = Actor::spawn(None, RootSupervisor, RootArgs { shared: shared.clone(), fatal: fatal_tx })
+            .await
+            .map_err(|e| format!("starting supervisor: {e}"))?;
+        let _ = shared.root.set(root.get_cell());
+
+        let listener = bind(listen).map_err(|e| format!("addr: cannot listen on {listen}: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (stop_accepting, stop_rx) = watch::channel(false);
+        let accept_task = tokio::spawn(crate::http::server::serve(listener, shared.clone(), stop_rx));
+        tracing::info!(%addr, server_key = %shared.secret.public().to_nodekey_hex(), "derp-relay listening");
+        Ok(Relay { shared, addr, root, stop_accepting, accept_task, fatal })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Resolves when the supervisor gives up (restart budget spent); the
+    /// message says why.
+    pub async fn failed(&mut self) -> String {
+        loop {
+            if let Some(why) = self.fatal.borrow().clone() {
+                return why;
+            }
+            if self.fatal.changed().await.is_err() {
+                return "supervisor stopped".into();
+            }
+        }
+    }
+
+    /// Graceful stop: refuse new connections, tell every client to go
+    /// elsewhere, wait for them to leave (up to `shutdown_timeout`), stop the tree.
+    /// Returns how many clients were still connected at the deadline.
+    pub async fn shutdown(self) -> usize {
+        let deadline = Instant::now() + self.shared.config.shutdown_timeout;
+        self.shared.draining.store(true, Ordering::SeqCst);
+        let _ = self.stop_accepting.send(true);
+        let told = ractor::call_t!(self.root, RootMsg::GoingAway, 5_000).unwrap_or(0);
+        tracing::info!(clients = told, "draining: told every client to go elsewhere");
+        while !self.shared.clients.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.shared.clients.len();
+        if left > 0 {
+            tracing::warn!(clients = left, "shutdown deadline reached; cutting remaining connections");
+        }
+        self.shared.set_registry(None);
+        self.root.stop(Some("shutdown".into()));
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.accept_task).await;
+        left
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // A restarted relay must be able to rebind while old sockets sit in TIME_WAIT.
+    // `[::]` also takes IPv4 clients where net.ipv6.bindv6only is 0 (Linux's default).
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
+}
