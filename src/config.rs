@@ -146,7 +146,10 @@ impl Config {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
             if let Err(e) = text.parse::<toml::Table>() {
-                let line = e.span().map(|s| line_of_offset(&text, s.start)).unwrap_or(0);
+                let line = e
+                    .span()
+                    .map(|s| line_of_offset(&text, s.start))
+                    .unwrap_or(0);
                 return Err(ConfigError(format!(
                     "{}:{line}: {}",
                     path.display(),
@@ -158,7 +161,9 @@ impl Config {
         fig = fig
             .merge(env.ignore(&["CONFIG"]))
             .merge(Serialized::defaults(flags));
-        let config: Config = fig.extract().map_err(|e| describe_figment_error(e, flags))?;
+        let config: Config = fig
+            .extract()
+            .map_err(|e| describe_figment_error(e, flags))?;
         config.validate()?;
         Ok(config)
     }
@@ -210,12 +215,13 @@ fn line_of_offset(text: &str, offset: usize) -> usize {
 /// Finds the line where `key` is assigned in a TOML file, for error messages.
 fn line_of_key(path: &Path, key: &str) -> Option<usize> {
     let text = std::fs::read_to_string(path).ok()?;
-    text.lines().position(|l| {
-        let l = l.trim_start();
-        l.strip_prefix(key)
-            .is_some_and(|rest| rest.trim_start().starts_with('='))
-    })
-    .map(|i| i + 1)
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
 }
 
 fn describe_figment_error(e: figment::Error, flags: &Flags) -> ConfigError {
@@ -263,7 +269,9 @@ mod duration_text {
         match Raw::deserialize(d)? {
             Raw::Secs(s) => Ok(Duration::from_secs(s)),
             Raw::Text(t) => humantime::parse_duration(t.trim()).map_err(|e| {
-                serde::de::Error::custom(format!("{t:?} is not a duration like \"30s\" or \"2m\" ({e})"))
+                serde::de::Error::custom(format!(
+                    "{t:?} is not a duration like \"30s\" or \"2m\" ({e})"
+                ))
             }),
         }
     }
@@ -290,7 +298,11 @@ mod tests {
     #[test]
     fn layers_override_in_order() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
-        writeln!(f, "max_clients = 5\nping_interval = \"2m\"\naddr = \"127.0.0.1:1\"").unwrap();
+        writeln!(
+            f,
+            "max_clients = 5\nping_interval = \"2m\"\naddr = \"127.0.0.1:1\""
+        )
+        .unwrap();
         let flags = Flags {
             config: Some(f.path().to_path_buf()),
             addr: Some("127.0.0.1:2".into()),
@@ -305,31 +317,50 @@ mod tests {
     #[test]
     fn file_errors_name_file_and_line() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
-        writeln!(f, "# comment\naddr = \"127.0.0.1:1\"\nping_interval = \"soon\"").unwrap();
-        let flags = Flags { config: Some(f.path().to_path_buf()), ..Default::default() };
+        writeln!(
+            f,
+            "# comment\naddr = \"127.0.0.1:1\"\nping_interval = \"soon\""
+        )
+        .unwrap();
+        let flags = Flags {
+            config: Some(f.path().to_path_buf()),
+            ..Default::default()
+        };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.contains(&format!("{}:3", f.path().display())), "{e}");
         assert!(e.contains("ping_interval"), "{e}");
 
         let mut g = tempfile::NamedTempFile::new().unwrap();
         writeln!(g, "addr = \n").unwrap();
-        let flags = Flags { config: Some(g.path().to_path_buf()), ..Default::default() };
+        let flags = Flags {
+            config: Some(g.path().to_path_buf()),
+            ..Default::default()
+        };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.starts_with(&format!("{}:1", g.path().display())), "{e}");
 
         let mut h = tempfile::NamedTempFile::new().unwrap();
         writeln!(h, "no_such_key = 1").unwrap();
-        let flags = Flags { config: Some(h.path().to_path_buf()), ..Default::default() };
+        let flags = Flags {
+            config: Some(h.path().to_path_buf()),
+            ..Default::default()
+        };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.contains("no_such_key"), "{e}");
     }
 
     #[test]
     fn flag_errors_name_the_flag() {
-        let flags = Flags { ping_interval: Some("fast".into()), ..Default::default() };
+        let flags = Flags {
+            ping_interval: Some("fast".into()),
+            ..Default::default()
+        };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.contains("--ping-interval"), "{e}");
-        let flags = Flags { addr: Some("nonsense".into()), ..Default::default() };
+        let flags = Flags {
+            addr: Some("nonsense".into()),
+            ..Default::default()
+        };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.starts_with("addr:"), "{e}");
     }

@@ -3,11 +3,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use derp_relay::config::{Config, Flags, LogFormat};
 use derp_relay::Relay;
+use derp_relay::config::{Config, Flags, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "derp-relay", version, about = "A self-hosted DERP relay for Tailscale-compatible clients")]
+#[command(
+    name = "derp-relay",
+    version,
+    about = "A self-hosted DERP relay for Tailscale-compatible clients"
+)]
 struct Cli {
     #[command(flatten)]
     flags: Flags,
@@ -16,7 +20,9 @@ struct Cli {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -33,7 +39,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("derp-relay: cannot start the async runtime: {e}");
@@ -45,7 +54,10 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> ExitCode {
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             eprintln!("derp-relay: cannot install signal handlers");

@@ -152,7 +152,9 @@ impl Metrics {
                 "derp_handshake_duration_seconds",
                 "Time from upgrade to admitted client.",
             )
-            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+            ]),
         )
         .unwrap_or_else(|e| panic!("metric derp_handshake_duration_seconds: {e}"));
         reg(Box::new(handshake_seconds.clone()));
@@ -162,9 +164,18 @@ impl Metrics {
             &["reason"],
         );
         Metrics {
-            packets_routed: counter("derp_packets_routed_total", "Packets queued to their destination."),
-            bytes_received: counter("derp_received_bytes_total", "Packet payload bytes received from clients."),
-            bytes_sent: counter("derp_sent_bytes_total", "Packet payload bytes written to clients."),
+            packets_routed: counter(
+                "derp_packets_routed_total",
+                "Packets queued to their destination.",
+            ),
+            bytes_received: counter(
+                "derp_received_bytes_total",
+                "Packet payload bytes received from clients.",
+            ),
+            bytes_sent: counter(
+                "derp_sent_bytes_total",
+                "Packet payload bytes written to clients.",
+            ),
             dropped,
             dropped_vec,
             clients_derp: clients.with_label_values(&[Transport::Derp.as_str()]),

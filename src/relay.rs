@@ -52,7 +52,10 @@ impl Shared {
 
     /// The current registry actor (it changes if the registry is restarted).
     pub fn registry(&self) -> Option<ActorRef<RegistryMsg>> {
-        self.registry.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.registry
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) fn set_registry(&self, r: Option<ActorRef<RegistryMsg>>) {
@@ -104,13 +107,16 @@ impl Drop for ClientSlot {
 /// A key file that exists but does not parse is an error, never replaced.
 pub fn load_or_create_key(path: &Path) -> Result<ServerSecret, String> {
     match std::fs::read_to_string(path) {
-        Ok(text) => ServerSecret::from_key_file(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Ok(text) => {
+            ServerSecret::from_key_file(&text).map_err(|e| format!("{}: {e}", path.display()))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             }
             let key = ServerSecret::generate();
-            write_private(path, key.to_key_file().as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+            write_private(path, key.to_key_file().as_bytes())
+                .map_err(|e| format!("{}: {e}", path.display()))?;
             tracing::info!(path = %path.display(), "created new server key");
             Ok(key)
         }
@@ -150,17 +156,35 @@ impl Relay {
         let shared = Arc::new(Shared::new(config, secret));
 
         let (fatal_tx, fatal) = watch::channel(None);
-        let (root, _) = Actor::spawn(None, RootSupervisor, RootArgs { shared: shared.clone(), fatal: fatal_tx })
-            .await
-            .map_err(|e| format!("starting supervisor: {e}"))?;
+        let (root, _) = Actor::spawn(
+            None,
+            RootSupervisor,
+            RootArgs {
+                shared: shared.clone(),
+                fatal: fatal_tx,
+            },
+        )
+        .await
+        .map_err(|e| format!("starting supervisor: {e}"))?;
         let _ = shared.root.set(root.get_cell());
 
         let listener = bind(listen).map_err(|e| format!("addr: cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let (stop_accepting, stop_rx) = watch::channel(false);
-        let accept_task = tokio::spawn(crate::http::server::serve(listener, shared.clone(), stop_rx));
+        let accept_task = tokio::spawn(crate::http::server::serve(
+            listener,
+            shared.clone(),
+            stop_rx,
+        ));
         tracing::info!(%addr, server_key = %shared.secret.public().to_nodekey_hex(), "derp-relay listening");
-        Ok(Relay { shared, addr, root, stop_accepting, accept_task, fatal })
+        Ok(Relay {
+            shared,
+            addr,
+            root,
+            stop_accepting,
+            accept_task,
+            fatal,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -192,13 +216,19 @@ impl Relay {
         self.shared.draining.store(true, Ordering::SeqCst);
         let _ = self.stop_accepting.send(true);
         let told = ractor::call_t!(self.root, RootMsg::GoingAway, 5_000).unwrap_or(0);
-        tracing::info!(clients = told, "draining: told every client to go elsewhere");
+        tracing::info!(
+            clients = told,
+            "draining: told every client to go elsewhere"
+        );
         while !self.shared.clients.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let left = self.shared.clients.len();
         if left > 0 {
-            tracing::warn!(clients = left, "shutdown deadline reached; cutting remaining connections");
+            tracing::warn!(
+                clients = left,
+                "shutdown deadline reached; cutting remaining connections"
+            );
         }
         self.shared.set_registry(None);
         self.root.stop(Some("shutdown".into()));
@@ -208,7 +238,11 @@ impl Relay {
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
     // A restarted relay must be able to rebind while old sockets sit in TIME_WAIT.
     // `[::]` also takes IPv4 clients where net.ipv6.bindv6only is 0 (Linux's default).
     sock.set_reuseaddr(true)?;

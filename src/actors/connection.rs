@@ -45,7 +45,6 @@ pub enum ConnMsg {
     /// Close now, for the given reason (logged and counted).
     Close(&'static str),
     /// Lets tests prove that a panicking connection is contained.
-    #[doc(hidden)]
     CrashForTest,
 }
 
@@ -93,7 +92,9 @@ pub async fn accept(
         return;
     }
 
-    let sealed = shared.secret.seal_server_info(&key, &server_info_json(None));
+    let sealed = shared
+        .secret
+        .seal_server_info(&key, &server_info_json(None));
     let mut server_info = BytesMut::new();
     frame::encode_server_info(&mut server_info, &sealed);
 
@@ -115,7 +116,10 @@ pub async fn accept(
     match Actor::spawn_linked(None, ConnectionActor, args, root).await {
         Ok(_) => {
             shared.metrics.connections_accepted.inc();
-            shared.metrics.handshake_seconds.observe(started.elapsed().as_secs_f64());
+            shared
+                .metrics
+                .handshake_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
         Err(e) => {
             shared.metrics.refused(RefuseReason::ShuttingDown);
@@ -135,13 +139,21 @@ async fn handshake(
 
     // Only ClientInfo is acceptable first; any other type fails on its header.
     let limit = |t: u8| {
-        if t == FrameType::ClientInfo as u8 { frame::client_frame_limit(t) } else { 0 }
+        if t == FrameType::ClientInfo as u8 {
+            frame::client_frame_limit(t)
+        } else {
+            0
+        }
     };
     let mut buf = BytesMut::new();
     loop {
         if let Some(f) = frame::decode_frame(&mut buf, limit)? {
             if f.frame_type != FrameType::ClientInfo as u8 {
-                return Err(FrameError::WrongType { expected: FrameType::ClientInfo as u8, got: f.frame_type }.into());
+                return Err(FrameError::WrongType {
+                    expected: FrameType::ClientInfo as u8,
+                    got: f.frame_type,
+                }
+                .into());
             }
             let (key, info) = shared.secret.open_client_info(&f.payload)?;
             // Whatever the client pipelined after ClientInfo stays in `buf`.
@@ -182,7 +194,10 @@ impl Drop for ConnState {
         self.reader.abort();
         self.writer.abort();
         let lost = self.handle.queue.close();
-        self.shared.metrics.dropped(DropReason::GoneDisconnected).inc_by(lost as u64);
+        self.shared
+            .metrics
+            .dropped(DropReason::GoneDisconnected)
+            .inc_by(lost as u64);
         if let Some(reg) = self.shared.registry() {
             let _ = reg.cast(RegistryMsg::Deregister(self.handle.clone()));
         }
@@ -220,9 +235,25 @@ impl Actor for ConnectionActor {
             transport = a.transport.as_str(), version = a.info.version,
             "client connected"
         );
-        let writer = tokio::spawn(write_loop(a.writer, a.server_info, handle.clone(), shared.clone()));
-        let reader = tokio::spawn(read_loop(a.reader, a.read_buf, handle.clone(), shared.clone()));
-        Ok(ConnState { handle, shared, reader, writer, _slot: a.slot })
+        let writer = tokio::spawn(write_loop(
+            a.writer,
+            a.server_info,
+            handle.clone(),
+            shared.clone(),
+        ));
+        let reader = tokio::spawn(read_loop(
+            a.reader,
+            a.read_buf,
+            handle.clone(),
+            shared.clone(),
+        ));
+        Ok(ConnState {
+            handle,
+            shared,
+            reader,
+            writer,
+            _slot: a.slot,
+        })
     }
 
     async fn handle(
@@ -234,7 +265,11 @@ impl Actor for ConnectionActor {
         match msg {
             ConnMsg::GoingAway => st.handle.queue.going_away(),
             ConnMsg::Close(why) => {
-                st.shared.metrics.disconnects.with_label_values(&[why]).inc();
+                st.shared
+                    .metrics
+                    .disconnects
+                    .with_label_values(&[why])
+                    .inc();
                 myself.stop(Some(why.to_string()));
             }
             ConnMsg::CrashForTest => panic!("connection crash requested by a test"),
@@ -268,7 +303,12 @@ impl NotHereLimit {
     }
 }
 
-async fn read_loop(mut rd: ConnReader, mut buf: BytesMut, h: Arc<ClientHandle>, shared: Arc<Shared>) {
+async fn read_loop(
+    mut rd: ConnReader,
+    mut buf: BytesMut,
+    h: Arc<ClientHandle>,
+    shared: Arc<Shared>,
+) {
     let why = read_frames(&mut rd, &mut buf, &h, &shared).await;
     finish(&h, why);
 }
@@ -284,7 +324,10 @@ async fn read_frames(
     // The last destination recorded for PeerGone, to skip the lock when a
     // client keeps sending to the same peer.
     let mut last_dst: Option<(PublicKey, u64)> = None;
-    let mut not_here = NotHereLimit { tokens: NOT_HERE_BURST, at: Instant::now() };
+    let mut not_here = NotHereLimit {
+        tokens: NOT_HERE_BURST,
+        at: Instant::now(),
+    };
     loop {
         loop {
             let f = match frame::decode_frame(buf, frame::client_frame_limit) {
@@ -305,10 +348,10 @@ async fn read_frames(
             match f {
                 ClientFrame::SendPacket { dst, packet } => {
                     m.bytes_received.inc_by(packet.len() as u64);
-                    if h.should_request_activity() {
-                        if let Some(reg) = shared.registry() {
-                            let _ = reg.cast(RegistryMsg::Activity(h.clone()));
-                        }
+                    if h.should_request_activity()
+                        && let Some(reg) = shared.registry()
+                    {
+                        let _ = reg.cast(RegistryMsg::Activity(h.clone()));
                     }
                     let disco = frame::is_disco(&packet);
                     match shared.clients.route(h.key, &dst, packet, disco) {
@@ -325,7 +368,8 @@ async fn read_frames(
                         Err(r) => {
                             m.dropped(r).inc();
                             if r == DropReason::UnknownDest && disco && not_here.take() {
-                                h.queue.push_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
+                                h.queue
+                                    .push_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
                             }
                         }
                     }
@@ -343,7 +387,9 @@ async fn read_frames(
                 }
                 ClientFrame::Pong(_) | ClientFrame::Unknown(_) => {}
                 // Mesh frames from a client that did not present the mesh key.
-                ClientFrame::WatchConns | ClientFrame::ClosePeer(_) | ClientFrame::ForwardPacket { .. } => {
+                ClientFrame::WatchConns
+                | ClientFrame::ClosePeer(_)
+                | ClientFrame::ForwardPacket { .. } => {
                     tracing::info!(target: "derp_relay::core", key = %h.key, "mesh frame from a non-mesh client");
                     return "mesh_frame_from_client";
                 }
@@ -370,7 +416,12 @@ async fn read_frames(
     }
 }
 
-async fn write_loop(mut wr: ConnWriter, mut out: BytesMut, h: Arc<ClientHandle>, shared: Arc<Shared>) {
+async fn write_loop(
+    mut wr: ConnWriter,
+    mut out: BytesMut,
+    h: Arc<ClientHandle>,
+    shared: Arc<Shared>,
+) {
     let why = write_frames(&mut wr, &mut out, &h, &shared).await;
     if why != "going_away" {
         wr.close().await;
@@ -386,7 +437,10 @@ async fn write_frames(
 ) -> &'static str {
     let m = &shared.metrics;
     let timeout = shared.config.write_timeout;
-    if tokio::time::timeout(timeout, wr.write_batch(out, false)).await.map_or(true, |r| r.is_err()) {
+    if tokio::time::timeout(timeout, wr.write_batch(out, false))
+        .await
+        .map_or(true, |r| r.is_err())
+    {
         return "write_error";
     }
     let mut batch = Batch::default();

@@ -178,7 +178,10 @@ impl Clients {
                 true
             }
             dashmap::Entry::Vacant(e) => {
-                e.insert(KeySlot { active: h, others: Vec::new() });
+                e.insert(KeySlot {
+                    active: h,
+                    others: Vec::new(),
+                });
                 false
             }
         }
@@ -218,14 +221,14 @@ impl Clients {
 
     /// Makes `h` the active connection for its key (last writer is active).
     fn activate(&self, h: &Arc<ClientHandle>) {
-        if let Some(mut slot) = self.map.get_mut(&h.key) {
-            if let Some(i) = slot.others.iter().position(|o| o.conn_id == h.conn_id) {
-                let me = slot.others.remove(i);
-                me.set_active(true);
-                let old = std::mem::replace(&mut slot.active, me);
-                old.set_active(false);
-                slot.others.push(old);
-            }
+        if let Some(mut slot) = self.map.get_mut(&h.key)
+            && let Some(i) = slot.others.iter().position(|o| o.conn_id == h.conn_id)
+        {
+            let me = slot.others.remove(i);
+            me.set_active(true);
+            let old = std::mem::replace(&mut slot.active, me);
+            old.set_active(false);
+            slot.others.push(old);
         }
     }
 }
@@ -247,7 +250,6 @@ pub enum RegistryMsg {
     /// with how many were told.
     GoingAway(RpcReplyPort<usize>),
     /// Lets tests prove that a registry crash is survived.
-    #[doc(hidden)]
     CrashForTest,
 }
 
@@ -350,10 +352,11 @@ fn deregister(st: &RegistryArgs, h: &Arc<ClientHandle>) {
     // Tell everyone this client delivered packets to that it is gone, so they
     // drop their route through this relay.
     for (dst, dst_conn) in sent_to {
-        if let Some(d) = st.clients.active(&dst) {
-            if d.conn_id == dst_conn {
-                d.queue.push_control(Control::PeerGone(h.key, PeerGoneReason::Disconnected));
-            }
+        if let Some(d) = st.clients.active(&dst)
+            && d.conn_id == dst_conn
+        {
+            d.queue
+                .push_control(Control::PeerGone(h.key, PeerGoneReason::Disconnected));
         }
     }
 }

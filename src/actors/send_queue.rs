@@ -68,7 +68,11 @@ struct Inner {
 
 impl SendQueue {
     pub fn new(depth: usize) -> Self {
-        SendQueue { depth: depth.max(1), inner: Mutex::new(Inner::default()), wake: Notify::new() }
+        SendQueue {
+            depth: depth.max(1),
+            inner: Mutex::new(Inner::default()),
+            wake: Notify::new(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -86,7 +90,11 @@ impl SendQueue {
             if g.closed {
                 return Err(DropReason::GoneDisconnected);
             }
-            let q = if disco { &mut g.pending.disco } else { &mut g.pending.packets };
+            let q = if disco {
+                &mut g.pending.disco
+            } else {
+                &mut g.pending.packets
+            };
             let evicted = q.len() >= self.depth;
             if evicted {
                 q.pop_front();
@@ -95,7 +103,11 @@ impl SendQueue {
             evicted
         };
         self.wake.notify_one();
-        if evicted { Err(DropReason::QueueHead) } else { Ok(()) }
+        if evicted {
+            Err(DropReason::QueueHead)
+        } else {
+            Ok(())
+        }
     }
 
     /// Queues a control frame; returns false if the queue is closed.
@@ -165,13 +177,19 @@ mod tests {
         let q = SendQueue::new(2);
         assert_eq!(q.push_packet(k(1), Bytes::from_static(b"a"), false), Ok(()));
         assert_eq!(q.push_packet(k(1), Bytes::from_static(b"b"), false), Ok(()));
-        assert_eq!(q.push_packet(k(1), Bytes::from_static(b"c"), false), Err(DropReason::QueueHead));
+        assert_eq!(
+            q.push_packet(k(1), Bytes::from_static(b"c"), false),
+            Err(DropReason::QueueHead)
+        );
         // Disco has its own bound.
         assert_eq!(q.push_packet(k(1), Bytes::from_static(b"d"), true), Ok(()));
         let mut b = Batch::default();
         q.next_batch(&mut b).await;
         let data: Vec<_> = b.packets.iter().map(|(_, d)| d.clone()).collect();
-        assert_eq!(data, vec![Bytes::from_static(b"b"), Bytes::from_static(b"c")]);
+        assert_eq!(
+            data,
+            vec![Bytes::from_static(b"b"), Bytes::from_static(b"c")]
+        );
         assert_eq!(b.disco.len(), 1);
     }
 
@@ -185,7 +203,13 @@ mod tests {
             b.control.len()
         });
         assert!(q.push_control(Control::KeepAlive));
-        assert_eq!(tokio::time::timeout(std::time::Duration::from_secs(5), t).await.unwrap().unwrap(), 1);
+        assert_eq!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), t)
+                .await
+                .unwrap()
+                .unwrap(),
+            1
+        );
     }
 
     #[tokio::test]
@@ -193,7 +217,10 @@ mod tests {
         let q = SendQueue::new(4);
         q.push_packet(k(1), Bytes::new(), false).unwrap();
         assert_eq!(q.close(), 1);
-        assert_eq!(q.push_packet(k(1), Bytes::new(), false), Err(DropReason::GoneDisconnected));
+        assert_eq!(
+            q.push_packet(k(1), Bytes::new(), false),
+            Err(DropReason::GoneDisconnected)
+        );
         assert!(!q.push_control(Control::KeepAlive));
     }
 }

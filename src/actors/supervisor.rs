@@ -10,7 +10,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor::{
+    Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
+};
 use tokio::sync::watch;
 
 use super::registry::{RegistryActor, RegistryArgs, RegistryMsg};
@@ -40,7 +42,10 @@ pub struct RootState {
     restarts: VecDeque<Instant>,
 }
 
-async fn spawn_registry(shared: &Arc<Shared>, root: ActorCell) -> Result<ActorRef<RegistryMsg>, ActorProcessingErr> {
+async fn spawn_registry(
+    shared: &Arc<Shared>,
+    root: ActorCell,
+) -> Result<ActorRef<RegistryMsg>, ActorProcessingErr> {
     let args = RegistryArgs {
         clients: shared.clients.clone(),
         metrics: shared.metrics.clone(),
@@ -57,12 +62,26 @@ impl Actor for RootSupervisor {
     type State = RootState;
     type Arguments = RootArgs;
 
-    async fn pre_start(&self, myself: ActorRef<RootMsg>, a: RootArgs) -> Result<RootState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RootMsg>,
+        a: RootArgs,
+    ) -> Result<RootState, ActorProcessingErr> {
         let registry = spawn_registry(&a.shared, myself.get_cell()).await?;
-        Ok(RootState { shared: a.shared, fatal: a.fatal, registry: registry.get_id(), restarts: VecDeque::new() })
+        Ok(RootState {
+            shared: a.shared,
+            fatal: a.fatal,
+            registry: registry.get_id(),
+            restarts: VecDeque::new(),
+        })
     }
 
-    async fn handle(&self, _myself: ActorRef<RootMsg>, msg: RootMsg, st: &mut RootState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<RootMsg>,
+        msg: RootMsg,
+        st: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             RootMsg::GoingAway(reply) => {
                 let n = match st.shared.registry() {
@@ -100,7 +119,8 @@ impl Actor for RootSupervisor {
         }
         tracing::error!(actor = "registry", error = ?failure, "actor stopped unexpectedly; restarting");
         let now = Instant::now();
-        st.restarts.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        st.restarts
+            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
         if st.restarts.len() >= RESTART_BUDGET {
             let why = format!(
                 "registry crashed {} times within {}s; giving up",
@@ -112,7 +132,11 @@ impl Actor for RootSupervisor {
             return Ok(());
         }
         st.restarts.push_back(now);
-        st.shared.metrics.actor_restarts.with_label_values(&["registry"]).inc();
+        st.shared
+            .metrics
+            .actor_restarts
+            .with_label_values(&["registry"])
+            .inc();
         let r = spawn_registry(&st.shared, myself.get_cell()).await?;
         st.registry = r.get_id();
         Ok(())

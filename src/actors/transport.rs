@@ -93,9 +93,13 @@ impl ConnWriter {
             }
             ConnWriter::Ws(w) => {
                 if ping {
-                    w.feed(Message::Ping(Bytes::new())).await.map_err(io::Error::other)?;
+                    w.feed(Message::Ping(Bytes::new()))
+                        .await
+                        .map_err(io::Error::other)?;
                 }
-                w.send(Message::Binary(buf.split().freeze())).await.map_err(io::Error::other)
+                w.send(Message::Binary(buf.split().freeze()))
+                    .await
+                    .map_err(io::Error::other)
             }
         }
     }
@@ -112,8 +116,13 @@ impl ConnWriter {
                 w.shutdown().await
             }
             ConnWriter::Ws(w) => {
-                let close = CloseFrame { code: CloseCode::Away, reason: "derp-relay restarting".into() };
-                w.send(Message::Close(Some(close))).await.map_err(io::Error::other)?;
+                let close = CloseFrame {
+                    code: CloseCode::Away,
+                    reason: "derp-relay restarting".into(),
+                };
+                w.send(Message::Close(Some(close)))
+                    .await
+                    .map_err(io::Error::other)?;
                 w.close().await.map_err(io::Error::other)
             }
         }

@@ -1,1 +1,1238 @@
-fn main() {}
+//! derp-bench: load generator and baseline for derp-relay.
+//!
+//! A relay's numbers mean little on their own: on a shared 2-core box the
+//! kernel's loopback TCP path and the load generator itself eat most of the
+//! CPU. So besides driving the relay (`throughput`, `idle`) this tool carries
+//! its own ceiling: `forward-server`, a process that splices each sender's
+//! socket to its receiver's with no framing or routing at all. `compare` runs
+//! the same byte stream (SendPacket frames out, equally sized frames back)
+//! through both and reports the relay as a fraction of that ceiling, which is
+//! what a change to the hot path should move.
+//!
+//! All clients run in this one process, so a packet's send timestamp and its
+//! receive time come from the same monotonic clock and one-way latency needs no
+//! clock sync. Clients bind distinct 127.x.y.z source addresses so per-IP limits
+//! in the relay see many hosts, not one.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write as _};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use bytes::BytesMut;
+use clap::{Args, Parser, Subcommand};
+use derp_relay::protocol::PublicKey;
+use derp_relay::protocol::frame::{
+    FrameType, HEADER_LEN, MAX_PACKET_SIZE, RawFrame, ServerFrame, bytes_needed, decode_frame,
+    encode_client_info, encode_pong, encode_send_packet, server_frame_limit,
+};
+use derp_relay::protocol::handshake::ClientSecret;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt as _, StreamExt as _, TryStreamExt as _};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::{WebSocketStream, client_async};
+
+/// `println!` that ignores a closed stdout (e.g. piped into `head`) rather
+/// than panicking in the middle of a run.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const WRITE_STALL: Duration = Duration::from_secs(10);
+const WARMUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Unpaced senders fill about this much per write: large enough to amortise
+/// the syscall, small enough to stay inside one socket buffer.
+const BATCH_BYTES: usize = 64 << 10;
+const READ_CHUNK: usize = 64 << 10;
+/// Sequence number of warm-up packets, which prove the route exists and are
+/// not measured.
+const WARMUP_SEQ: u64 = u64::MAX;
+/// Bytes of each packet used for sequence number and send timestamp.
+const STAMP_LEN: usize = 16;
+const KEY_LEN: usize = 32;
+const ROLE_SENDER: u8 = 0;
+const ROLE_RECEIVER: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "derp-bench",
+    about = "Load generator and raw-TCP baseline for derp-relay (loopback only)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Sender→receiver pairs through the relay: packets/s, MB/s, one-way latency.
+    Throughput {
+        /// http://127.0.0.1:PORT/derp (Upgrade: DERP) or ws://127.0.0.1:PORT/derp.
+        #[arg(long)]
+        url: String,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// The same load through a plain TCP splice: the ceiling for `throughput`.
+    Forwarder {
+        /// Use an already running `forward-server` instead of starting one.
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Forwarder and relay alternately, then a latency round at half the relay's peak.
+    Compare {
+        /// Relay URL; repeat to compare transports (http://… and ws://…).
+        #[arg(long, required = true)]
+        url: Vec<String>,
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Memory cost of idle handshaken clients, from the relay's VmRSS.
+    Idle {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Process id of the relay (read from /proc/PID/status).
+        #[arg(long)]
+        pid: u32,
+        /// Handshakes in flight at once.
+        #[arg(long, default_value_t = 200)]
+        concurrency: usize,
+    },
+    /// The baseline forwarder itself; prints `listening on ADDR` first.
+    ForwardServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        addr: SocketAddr,
+        /// Exit when standard input closes (set when a bench process owns us).
+        #[arg(long)]
+        exit_on_stdin_eof: bool,
+    },
+}
+
+#[derive(Args, Clone, Debug)]
+struct LoadArgs {
+    /// Sender→receiver pairs (each pair is two connections).
+    #[arg(long, default_value_t = 10)]
+    pairs: usize,
+    /// Packet size in bytes (at least 16: sequence number and timestamp).
+    #[arg(long, default_value_t = 1280)]
+    size: usize,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Packets per second per pair, open loop; 0 sends as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("derp-bench: cannot start tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let budget = time_budget(&cli.mode);
+    let result = runtime.block_on(async move {
+        match budget {
+            Some(b) => timeout(b, run(cli.mode)).await.unwrap_or_else(|_| {
+                Err(anyhow::anyhow!(
+                    "gave up after the overall time limit of {b:?}"
+                ))
+            }),
+            None => run(cli.mode).await,
+        }
+    });
+    // Don't wait for stuck client tasks: every run is bounded and we are done.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("derp-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Upper bound on a whole invocation, so a wedged relay cannot hang a script.
+fn time_budget(mode: &Mode) -> Option<Duration> {
+    let per_run = |l: &LoadArgs| l.duration.max(0.0) + 45.0;
+    let secs = match mode {
+        Mode::Throughput { load, .. } | Mode::Forwarder { load, .. } => per_run(load),
+        Mode::Compare { url, load, rounds } => {
+            per_run(load) * ((rounds * (url.len() + 1)) + url.len() + 1) as f64
+        }
+        Mode::Idle { clients, .. } => 120.0 + *clients as f64 / 100.0,
+        Mode::ForwardServer { .. } => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+async fn run(mode: Mode) -> Result<()> {
+    match mode {
+        Mode::Throughput { url, load } => {
+            check_load(&load)?;
+            let target = Target::Derp(RelayUrl::parse(&url)?);
+            let r = run_load(&target, &load).await?;
+            print_throughput_table(&[(r, None)]);
+        }
+        Mode::Forwarder { addr, load } => {
+            check_load(&load)?;
+            let child = match addr {
+                Some(_) => None,
+                None => Some(ForwarderChild::spawn()?),
+            };
+            let addr = addr
+                .or(child.as_ref().map(|c| c.addr))
+                .context("no forwarder address")?;
+            let r = run_load(&Target::Forwarder(addr), &load).await?;
+            print_throughput_table(&[(r, None)]);
+        }
+        Mode::Compare { url, load, rounds } => compare(&url, &load, rounds.max(1)).await?,
+        Mode::Idle {
+            url,
+            clients,
+            pid,
+            concurrency,
+        } => idle(&url, clients, pid, concurrency.max(1)).await?,
+        Mode::ForwardServer {
+            addr,
+            exit_on_stdin_eof,
+        } => forward_server(addr, exit_on_stdin_eof).await?,
+    }
+    Ok(())
+}
+
+fn check_load(load: &LoadArgs) -> Result<()> {
+    ensure!(load.pairs > 0, "--pairs must be at least 1");
+    ensure!(
+        (STAMP_LEN..=MAX_PACKET_SIZE).contains(&load.size),
+        "--size must be between {STAMP_LEN} and {MAX_PACKET_SIZE}"
+    );
+    ensure!(
+        load.duration > 0.0 && load.duration.is_finite(),
+        "--duration must be positive"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------- addressing
+
+/// Where the load goes: a relay URL, or the baseline forwarder.
+#[derive(Clone)]
+enum Target {
+    Derp(RelayUrl),
+    Forwarder(SocketAddr),
+}
+
+impl Target {
+    fn label(&self) -> String {
+        match self {
+            Target::Derp(u) if u.websocket => "derp websocket".into(),
+            Target::Derp(_) => "derp upgrade".into(),
+            Target::Forwarder(_) => "tcp forwarder".into(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct RelayUrl {
+    websocket: bool,
+    addr: SocketAddr,
+    authority: String,
+    path: String,
+    text: String,
+}
+
+impl RelayUrl {
+    fn parse(text: &str) -> Result<Self> {
+        let uri: http::Uri = text.parse().with_context(|| format!("bad URL {text:?}"))?;
+        let websocket = match uri.scheme_str() {
+            Some("http") => false,
+            Some("ws") => true,
+            other => bail!(
+                "URL {text:?}: scheme {other:?} unsupported, use http:// or ws:// (loopback, no TLS)"
+            ),
+        };
+        let host = uri.host().context("URL has no host")?;
+        let ip: IpAddr = match host {
+            "localhost" => Ipv4Addr::LOCALHOST.into(),
+            h => h
+                .parse()
+                .with_context(|| format!("URL host {h:?} is not an IP address"))?,
+        };
+        // Clients bind 127.x.y.z source addresses, which only reach IPv4 loopback.
+        ensure!(
+            ip.is_ipv4() && ip.is_loopback(),
+            "URL host {ip} is not IPv4 loopback; this tool only benchmarks locally"
+        );
+        let port = uri.port_u16().unwrap_or(80);
+        let path = uri.path_and_query().map_or("/derp", |p| p.as_str());
+        let path = if path == "/" { "/derp" } else { path };
+        Ok(RelayUrl {
+            websocket,
+            addr: SocketAddr::new(ip, port),
+            authority: format!("{host}:{port}"),
+            path: path.to_owned(),
+            text: format!(
+                "{}://{host}:{port}{path}",
+                if websocket { "ws" } else { "http" }
+            ),
+        })
+    }
+}
+
+static NEXT_SOURCE: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh loopback source address per connection (127.1.0.1, 127.1.0.2, …,
+/// skipping .0 and .255), so per-IP limits and ephemeral ports never collide.
+fn next_source_ip() -> Ipv4Addr {
+    let n = NEXT_SOURCE.fetch_add(1, Relaxed);
+    let mid = n / 254;
+    Ipv4Addr::new(
+        127,
+        1 + ((mid >> 8) % 254) as u8,
+        (mid & 0xff) as u8,
+        (n % 254 + 1) as u8,
+    )
+}
+
+async fn connect_tcp(dst: SocketAddr) -> Result<TcpStream> {
+    let src = next_source_ip();
+    let what = || format!("connect to {dst} from {src}");
+    let sock = TcpSocket::new_v4().with_context(what)?;
+    sock.bind(SocketAddr::new(src.into(), 0))
+        .with_context(what)?;
+    let stream = timeout(CONNECT_TIMEOUT, sock.connect(dst))
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out"))
+        .with_context(what)?
+        .with_context(what)?;
+    stream.set_nodelay(true).with_context(what)?;
+    Ok(stream)
+}
+
+/// One process-wide clock so that send and receive timestamps compare directly.
+fn now_ns() -> u64 {
+    static T0: OnceLock<Instant> = OnceLock::new();
+    T0.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+// ---------------------------------------------------------------- transport
+
+type WsStream = WebSocketStream<TcpStream>;
+
+/// Reads DERP frames from either transport. WebSocket messages are only a
+/// carrier: a frame may span messages, so both variants reassemble in `buf`.
+enum FrameReader {
+    Raw {
+        rd: OwnedReadHalf,
+        buf: BytesMut,
+    },
+    Ws {
+        rd: SplitStream<WsStream>,
+        buf: BytesMut,
+    },
+}
+
+impl FrameReader {
+    /// The next frame, or None at a clean end of stream.
+    async fn next_frame(&mut self) -> Result<Option<RawFrame>> {
+        loop {
+            let (FrameReader::Raw { buf, .. } | FrameReader::Ws { buf, .. }) = self;
+            if let Some(frame) = decode_frame(buf, server_frame_limit)? {
+                return Ok(Some(frame));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> Result<bool> {
+        match self {
+            FrameReader::Raw { rd, buf } => {
+                buf.reserve(bytes_needed(buf).max(READ_CHUNK));
+                Ok(rd.read_buf(buf).await? > 0)
+            }
+            FrameReader::Ws { rd, buf } => loop {
+                match rd.next().await.transpose()? {
+                    None | Some(Message::Close(_)) => return Ok(false),
+                    Some(Message::Binary(b)) => {
+                        buf.extend_from_slice(&b);
+                        return Ok(true);
+                    }
+                    Some(Message::Text(_)) => bail!("relay sent a WebSocket text message"),
+                    Some(_) => {}
+                }
+            },
+        }
+    }
+}
+
+enum FrameWriter {
+    Raw(OwnedWriteHalf),
+    Ws(SplitSink<WsStream, Message>),
+}
+
+impl FrameWriter {
+    /// Writes everything in `buf` (a batch of frames) as one write or one
+    /// WebSocket message, and leaves `buf` empty for reuse.
+    async fn send(&mut self, buf: &mut BytesMut) -> Result<()> {
+        let write = async {
+            match self {
+                FrameWriter::Raw(w) => {
+                    w.write_all(buf).await?;
+                    buf.clear();
+                }
+                FrameWriter::Ws(w) => w.send(Message::Binary(buf.split().freeze())).await?,
+            }
+            anyhow::Ok(())
+        };
+        timeout(WRITE_STALL, write)
+            .await
+            .map_err(|_| anyhow::anyhow!("write stalled for {WRITE_STALL:?}"))?
+    }
+}
+
+/// A connected, handshaken client (or a forwarder endpoint, which has no handshake).
+struct Endpoint {
+    rd: FrameReader,
+    wr: FrameWriter,
+    key: PublicKey,
+    /// Receive rate limit the relay advertised in ServerInfo, bytes/s.
+    rate_limit: Option<u64>,
+}
+
+async fn open_endpoint(target: &Target, role: u8, pair_id: u64) -> Result<Endpoint> {
+    match target {
+        Target::Derp(url) => timeout(CONNECT_TIMEOUT, connect_derp(url))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("DERP connect and handshake with {} timed out", url.text)
+            })?,
+        Target::Forwarder(addr) => {
+            let mut stream = connect_tcp(*addr).await?;
+            let mut hello = [role; 9];
+            hello[1..].copy_from_slice(&pair_id.to_be_bytes());
+            stream.write_all(&hello).await.context("forwarder hello")?;
+            let (rd, wr) = stream.into_split();
+            let mut key = [0u8; KEY_LEN];
+            key[..8].copy_from_slice(&pair_id.to_be_bytes());
+            Ok(Endpoint {
+                rd: FrameReader::Raw {
+                    rd,
+                    buf: BytesMut::new(),
+                },
+                wr: FrameWriter::Raw(wr),
+                key: PublicKey(key),
+                rate_limit: None,
+            })
+        }
+    }
+}
+
+async fn connect_derp(url: &RelayUrl) -> Result<Endpoint> {
+    let stream = connect_tcp(url.addr).await?;
+    let (mut rd, mut wr) = if url.websocket {
+        let mut req = url.text.as_str().into_client_request()?;
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            http::HeaderValue::from_static("derp"),
+        );
+        let (ws, _) = client_async(req, stream)
+            .await
+            .with_context(|| format!("WebSocket upgrade at {}", url.text))?;
+        let (w, r) = ws.split();
+        (
+            FrameReader::Ws {
+                rd: r,
+                buf: BytesMut::new(),
+            },
+            FrameWriter::Ws(w),
+        )
+    } else {
+        http_upgrade(stream, url)
+            .await
+            .with_context(|| format!("HTTP upgrade at {}", url.text))?
+    };
+    let secret = ClientSecret::generate();
+    let frame = rd
+        .next_frame()
+        .await?
+        .context("relay closed before sending ServerKey")?;
+    let ServerFrame::ServerKey(server) = ServerFrame::parse(frame)? else {
+        bail!("relay's first frame is not ServerKey");
+    };
+    let mut buf = BytesMut::new();
+    encode_client_info(
+        &mut buf,
+        &secret.seal_client_info(&server, br#"{"version":2}"#),
+    );
+    wr.send(&mut buf).await.context("sending ClientInfo")?;
+    let frame = rd
+        .next_frame()
+        .await?
+        .context("relay closed before sending ServerInfo")?;
+    let ServerFrame::ServerInfo(sealed) = ServerFrame::parse(frame)? else {
+        bail!("relay's second frame is not ServerInfo");
+    };
+    let info = secret.open_server_info(&server, &sealed)?;
+    Ok(Endpoint {
+        rd,
+        wr,
+        key: secret.public(),
+        rate_limit: info
+            .get("tokenBucketBytesPerSecond")
+            .and_then(|v| v.as_u64())
+            .filter(|&r| r > 0),
+    })
+}
+
+async fn http_upgrade(mut stream: TcpStream, url: &RelayUrl) -> Result<(FrameReader, FrameWriter)> {
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
+        url.path, url.authority
+    );
+    stream.write_all(req.as_bytes()).await?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        ensure!(
+            buf.len() <= 16 << 10,
+            "HTTP response header longer than 16 KiB"
+        );
+        ensure!(
+            stream.read_buf(&mut buf).await? > 0,
+            "relay closed the connection during the upgrade"
+        );
+    };
+    // Bytes after the header are already DERP frames; keep them.
+    let head = buf.split_to(end);
+    let status = head[..].split(|&b| b == b'\r').next().unwrap_or_default();
+    let status = String::from_utf8_lossy(status);
+    ensure!(
+        status.split_whitespace().nth(1) == Some("101"),
+        "relay answered {status:?}, want 101"
+    );
+    let (rd, wr) = stream.into_split();
+    Ok((FrameReader::Raw { rd, buf }, FrameWriter::Raw(wr)))
+}
+
+// ---------------------------------------------------------------- load run
+
+struct RunResult {
+    label: String,
+    rate_per_pair: u64,
+    sent: u64,
+    received: u64,
+    /// Seconds senders were sending.
+    send_secs: f64,
+    /// Packets per second delivered, over first send to last receive.
+    pps: f64,
+    /// Payload megabytes (1e6) per second delivered.
+    mbps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    max_us: f64,
+}
+
+impl RunResult {
+    fn lost(&self) -> u64 {
+        self.sent.saturating_sub(self.received)
+    }
+
+    fn print(&self) {
+        let lost_pct = 100.0 * self.lost() as f64 / self.sent.max(1) as f64;
+        out!(
+            "{:<15} sent {} ({:.0} pps offered), delivered {:.0} pps, {:.1} MB/s, lost {} ({:.2}%), latency µs p50 {:.0} p99 {:.0} p999 {:.0} max {:.0}",
+            self.label,
+            self.sent,
+            self.sent as f64 / self.send_secs,
+            self.pps,
+            self.mbps,
+            self.lost(),
+            lost_pct,
+            self.p50_us,
+            self.p99_us,
+            self.p999_us,
+            self.max_us,
+        );
+    }
+}
+
+/// What a receiver publishes while running, for warm-up and drain decisions.
+#[derive(Default)]
+struct RecvProgress {
+    ready: AtomicBool,
+    received: AtomicU64,
+    last_ns: AtomicU64,
+}
+
+static NEXT_PAIR: AtomicU64 = AtomicU64::new(0);
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 ns to 100 s at 3 significant digits; these bounds are always valid.
+    Histogram::new_with_bounds(1, 100_000_000_000, 3).unwrap_or_else(|_| unreachable!())
+}
+
+async fn run_load(target: &Target, load: &LoadArgs) -> Result<RunResult> {
+    let label = target.label();
+    // Pair ids only need to be unique within one forwarder's lifetime; the time
+    // seed keeps two bench processes sharing a `--addr` forwarder apart.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let ids: Vec<u64> = (0..load.pairs)
+        .map(|_| seed.wrapping_add(NEXT_PAIR.fetch_add(1, Relaxed) << 20))
+        .collect();
+
+    let receivers = futures_util::future::try_join_all(
+        ids.iter()
+            .map(|&id| open_endpoint(target, ROLE_RECEIVER, id)),
+    )
+    .await
+    .with_context(|| format!("{label}: opening receivers"))?;
+    let senders = futures_util::future::try_join_all(
+        ids.iter().map(|&id| open_endpoint(target, ROLE_SENDER, id)),
+    )
+    .await
+    .with_context(|| format!("{label}: opening senders"))?;
+    if let Some(r) = receivers.iter().find_map(|e| e.rate_limit) {
+        out!("{label}: note: relay advertises a receive rate limit of {r} B/s per client");
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (start_tx, start_rx) = watch::channel(None::<(Instant, Instant)>);
+    let peer_gone = Arc::new(AtomicU64::new(0));
+    let mut progress = Vec::new();
+    let mut recv_tasks = Vec::new();
+    let mut dst_keys = Vec::new();
+    for ep in receivers {
+        let p = Arc::new(RecvProgress::default());
+        progress.push(p.clone());
+        dst_keys.push(ep.key);
+        recv_tasks.push(tokio::spawn(receive(
+            ep,
+            p,
+            stop_rx.clone(),
+            peer_gone.clone(),
+        )));
+    }
+    let mut send_tasks = Vec::new();
+    let mut drain_tasks = Vec::new();
+    for ((ep, dst), p) in senders.into_iter().zip(dst_keys).zip(&progress) {
+        let (pong_tx, pong_rx) = mpsc::unbounded_channel();
+        drain_tasks.push(tokio::spawn(drain_sender_reads(
+            ep.rd,
+            pong_tx,
+            peer_gone.clone(),
+        )));
+        let job = SendJob {
+            dst,
+            size: load.size,
+            rate: load.rate,
+            ready: p.clone(),
+            start: start_rx.clone(),
+        };
+        send_tasks.push(tokio::spawn(send(ep.wr, job, pong_rx)));
+    }
+
+    // Warm-up: every route must be proven before the clock starts, or the
+    // first packets of a relay that registers clients asynchronously are lost.
+    let warm_deadline = Instant::now() + WARMUP_TIMEOUT;
+    while let Some(i) = progress.iter().position(|p| !p.ready.load(Relaxed)) {
+        if Instant::now() > warm_deadline {
+            bail!("{label}: pair {i} never delivered a warm-up packet within {WARMUP_TIMEOUT:?}");
+        }
+        if let Some(t) = send_tasks.iter().find(|t| t.is_finished()) {
+            let _ = t;
+            break; // a sender died; its error surfaces when joined below
+        }
+        sleep(Duration::from_millis(5)).await;
+    }
+    let start = Instant::now();
+    let start_ns = now_ns();
+    let end = start + Duration::from_secs_f64(load.duration);
+    start_tx.send_replace(Some((start, end)));
+
+    let mut total_sent = 0;
+    let mut writers = Vec::new(); // held open until the drain is over
+    for t in send_tasks {
+        let (sent, wr) = t.await.context("sender task panicked")??;
+        total_sent += sent;
+        writers.push(wr);
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+
+    // Drain: wait until everything arrived, or nothing has for a while.
+    let received = || {
+        progress
+            .iter()
+            .map(|p| p.received.load(Relaxed))
+            .sum::<u64>()
+    };
+    let drain_end = Instant::now() + Duration::from_secs(3);
+    let (mut last, mut last_change) = (received(), Instant::now());
+    while last < total_sent
+        && Instant::now() < drain_end
+        && last_change.elapsed() < Duration::from_millis(500)
+    {
+        sleep(Duration::from_millis(20)).await;
+        let now = received();
+        if now != last {
+            (last, last_change) = (now, Instant::now());
+        }
+    }
+    stop_tx.send_replace(true);
+    let mut hist = new_histogram();
+    let mut total_received = 0;
+    for t in recv_tasks {
+        let h = timeout(Duration::from_secs(5), t)
+            .await
+            .context("receiver did not stop")?
+            .context("receiver task panicked")??;
+        total_received += h.len();
+        hist.add(&h).context("merging histograms")?;
+    }
+    for t in drain_tasks {
+        t.abort();
+    }
+    drop(writers);
+    let gone = peer_gone.load(Relaxed);
+    if gone > 0 {
+        out!("{label}: warning: relay reported {gone} PeerGone frames");
+    }
+
+    let last_ns = progress
+        .iter()
+        .map(|p| p.last_ns.load(Relaxed))
+        .max()
+        .unwrap_or(start_ns);
+    let window = (last_ns.saturating_sub(start_ns) as f64 / 1e9).max(1e-9);
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    let result = RunResult {
+        label,
+        rate_per_pair: load.rate,
+        sent: total_sent,
+        received: total_received,
+        send_secs,
+        pps: total_received as f64 / window,
+        mbps: (total_received * load.size as u64) as f64 / window / 1e6,
+        p50_us: us(0.5),
+        p99_us: us(0.99),
+        p999_us: us(0.999),
+        max_us: hist.max() as f64 / 1000.0,
+    };
+    result.print();
+    Ok(result)
+}
+
+struct SendJob {
+    dst: PublicKey,
+    size: usize,
+    rate: u64,
+    ready: Arc<RecvProgress>,
+    start: watch::Receiver<Option<(Instant, Instant)>>,
+}
+
+/// Sends warm-up packets until the run starts, then the measured stream.
+/// Returns the count sent and the writer, which must outlive the drain.
+async fn send(
+    mut wr: FrameWriter,
+    mut job: SendJob,
+    mut pongs: mpsc::UnboundedReceiver<[u8; 8]>,
+) -> Result<(u64, FrameWriter)> {
+    let mut payload = vec![0u8; job.size];
+    let mut buf = BytesMut::new();
+    let (start, end) = loop {
+        if let Some(window) = *job.start.borrow_and_update() {
+            break window;
+        }
+        if !job.ready.ready.load(Relaxed) {
+            payload[..8].copy_from_slice(&WARMUP_SEQ.to_le_bytes());
+            encode_send_packet(&mut buf, &job.dst, &payload);
+            wr.send(&mut buf).await.context("sending warm-up packet")?;
+        }
+        tokio::select! {
+            _ = sleep(Duration::from_millis(10)) => {}
+            r = job.start.changed() => r.context("run abandoned")?,
+        }
+    };
+
+    let frame_len = HEADER_LEN + KEY_LEN + job.size;
+    let per_batch = (BATCH_BYTES / frame_len).max(1) as u64;
+    buf.reserve(per_batch as usize * frame_len + 64);
+    let mut seq = 0u64;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let n = if job.rate == 0 {
+            per_batch
+        } else {
+            // Open loop: packet k is due at start + k/rate whatever the relay
+            // does, so a slow relay builds a backlog instead of being let off.
+            let due = ((now - start).as_secs_f64() * job.rate as f64) as u64 + 1;
+            let n = due.saturating_sub(seq).min(per_batch);
+            if n == 0 {
+                sleep_until((start + Duration::from_secs_f64(seq as f64 / job.rate as f64)).into())
+                    .await;
+                continue;
+            }
+            n
+        };
+        while let Ok(data) = pongs.try_recv() {
+            encode_pong(&mut buf, data);
+        }
+        // Stamped with the actual send time, one clock read per batch: tokio
+        // timers wake with ~1 ms slack, which stamping the scheduled time
+        // would wrongly charge to the relay.
+        let ts = now_ns();
+        payload[8..STAMP_LEN].copy_from_slice(&ts.to_le_bytes());
+        for _ in 0..n {
+            payload[..8].copy_from_slice(&seq.to_le_bytes());
+            encode_send_packet(&mut buf, &job.dst, &payload);
+            seq += 1;
+        }
+        wr.send(&mut buf).await.context("sending packets")?;
+    }
+    Ok((seq, wr))
+}
+
+/// Senders must still read: the relay may ping them, and an unread socket
+/// would eventually stall the relay's writer for that client.
+async fn drain_sender_reads(
+    mut rd: FrameReader,
+    pongs: mpsc::UnboundedSender<[u8; 8]>,
+    peer_gone: Arc<AtomicU64>,
+) {
+    while let Ok(Some(frame)) = rd.next_frame().await {
+        match ServerFrame::parse(frame) {
+            Ok(ServerFrame::Ping(data)) => {
+                let _ = pongs.send(data);
+            }
+            Ok(ServerFrame::PeerGone { .. }) => {
+                peer_gone.fetch_add(1, Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Counts packets and records one-way latency until told to stop.
+async fn receive(
+    mut ep: Endpoint,
+    progress: Arc<RecvProgress>,
+    mut stop: watch::Receiver<bool>,
+    peer_gone: Arc<AtomicU64>,
+) -> Result<Histogram<u64>> {
+    let mut hist = new_histogram();
+    let mut count = 0u64;
+    let mut out = BytesMut::new();
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            f = ep.rd.next_frame() => f.context("receiving")?,
+        };
+        let Some(frame) = frame else { break };
+        // RecvPacket from the relay; SendPacket arrives unchanged through the
+        // forwarder, and has the same layout (key, then packet).
+        if (frame.frame_type == FrameType::RecvPacket as u8
+            || frame.frame_type == FrameType::SendPacket as u8)
+            && frame.payload.len() >= KEY_LEN + STAMP_LEN
+        {
+            let p = &frame.payload[KEY_LEN..];
+            let seq = u64::from_le_bytes(p[..8].try_into()?);
+            if seq == WARMUP_SEQ {
+                progress.ready.store(true, Relaxed);
+                continue;
+            }
+            let sent = u64::from_le_bytes(p[8..STAMP_LEN].try_into()?);
+            let now = now_ns();
+            hist.saturating_record(now.saturating_sub(sent).max(1));
+            count += 1;
+            progress.received.store(count, Relaxed);
+            progress.last_ns.store(now, Relaxed);
+            continue;
+        }
+        match ServerFrame::parse(frame)? {
+            ServerFrame::Ping(data) => {
+                encode_pong(&mut out, data);
+                ep.wr.send(&mut out).await.context("answering ping")?;
+            }
+            ServerFrame::PeerGone { .. } => {
+                peer_gone.fetch_add(1, Relaxed);
+            }
+            ServerFrame::Restarting { .. } => bail!("relay announced a restart during the run"),
+            _ => {}
+        }
+    }
+    Ok(hist)
+}
+
+// ---------------------------------------------------------------- reports
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Rows of (result, ratio to forwarder).
+fn print_throughput_table(rows: &[(RunResult, Option<f64>)]) {
+    out!();
+    out!("| transport | pps | MB/s | vs forwarder | p50 µs | p99 µs | p999 µs | lost |");
+    out!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (r, ratio) in rows {
+        let ratio = ratio.map_or("-".to_owned(), |x| format!("{:.0}%", x * 100.0));
+        out!(
+            "| {} | {:.0} | {:.1} | {} | {:.0} | {:.0} | {:.0} | {} |",
+            r.label,
+            r.pps,
+            r.mbps,
+            ratio,
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            r.lost()
+        );
+    }
+}
+
+async fn compare(urls: &[String], load: &LoadArgs, rounds: usize) -> Result<()> {
+    check_load(load)?;
+    let relays = urls
+        .iter()
+        .map(|u| RelayUrl::parse(u).map(Target::Derp))
+        .collect::<Result<Vec<_>>>()?;
+    let fwd = ForwarderChild::spawn()?;
+    out!("forwarder pid {} on {}", fwd.child.id(), fwd.addr);
+    let mut targets = vec![Target::Forwarder(fwd.addr)];
+    targets.extend(relays);
+    let peak_load = LoadArgs {
+        rate: 0,
+        ..load.clone()
+    };
+
+    let mut runs: Vec<Vec<RunResult>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        out!(
+            "-- round {round}/{rounds}: {} pairs, {} B, {} s, unpaced",
+            load.pairs,
+            load.size,
+            load.duration
+        );
+        for (t, out) in targets.iter().zip(&mut runs) {
+            out.push(run_load(t, &peak_load).await?);
+            // Let closed connections leave the relay before the next run.
+            sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let med = |rs: &[RunResult], f: fn(&RunResult) -> f64| median(rs.iter().map(f).collect());
+    let summary: Vec<RunResult> = targets
+        .iter()
+        .zip(&runs)
+        .map(|(t, rs)| RunResult {
+            label: t.label(),
+            rate_per_pair: 0,
+            sent: median(rs.iter().map(|r| r.sent as f64).collect()) as u64,
+            received: median(rs.iter().map(|r| r.received as f64).collect()) as u64,
+            send_secs: med(rs, |r| r.send_secs),
+            pps: med(rs, |r| r.pps),
+            mbps: med(rs, |r| r.mbps),
+            p50_us: med(rs, |r| r.p50_us),
+            p99_us: med(rs, |r| r.p99_us),
+            p999_us: med(rs, |r| r.p999_us),
+            max_us: med(rs, |r| r.max_us),
+        })
+        .collect();
+
+    // Latency is only meaningful below saturation: rerun each relay transport
+    // at half its own peak, and the forwarder at the first relay's half peak.
+    let mut latency_runs = Vec::new();
+    let half_rate = |pps: f64| ((pps / 2.0 / load.pairs as f64) as u64).max(1);
+    if let Some(first_relay) = summary.get(1) {
+        out!("-- latency at half of the relay peak");
+        let fwd_load = LoadArgs {
+            rate: half_rate(first_relay.pps),
+            ..load.clone()
+        };
+        latency_runs.push(run_load(&targets[0], &fwd_load).await?);
+        for (t, s) in targets.iter().zip(&summary).skip(1) {
+            sleep(Duration::from_millis(300)).await;
+            latency_runs.push(
+                run_load(
+                    t,
+                    &LoadArgs {
+                        rate: half_rate(s.pps),
+                        ..load.clone()
+                    },
+                )
+                .await?,
+            );
+        }
+    }
+
+    let base = summary[0].pps.max(1e-9);
+    out!(
+        "\nmedian of {rounds} rounds, {} pairs, {} B packets, {} s each, unpaced (bench and relay share this machine's CPUs):",
+        load.pairs,
+        load.size,
+        load.duration
+    );
+    let rows: Vec<_> = summary
+        .into_iter()
+        .map(|r| {
+            let ratio = r.pps / base;
+            (r, Some(ratio))
+        })
+        .collect();
+    print_throughput_table(&rows);
+    if !latency_runs.is_empty() {
+        out!("\nopen-loop latency at half of the relay's peak:");
+        out!("\n| transport | offered pps | delivered pps | p50 µs | p99 µs | p999 µs | lost |");
+        out!("|---|---:|---:|---:|---:|---:|---:|");
+        for r in &latency_runs {
+            out!(
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+                r.label,
+                r.rate_per_pair * load.pairs as u64,
+                r.pps,
+                r.p50_us,
+                r.p99_us,
+                r.p999_us,
+                r.lost()
+            );
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- idle
+
+async fn idle(url: &str, clients: usize, pid: u32, concurrency: usize) -> Result<()> {
+    let url = RelayUrl::parse(url)?;
+    raise_nofile_limit(clients as u64 + 256);
+    let target = Target::Derp(url);
+    let before = rss_kib(pid)?;
+    out!("relay pid {pid} VmRSS before: {before} KiB");
+    let t = Instant::now();
+    let conns: Vec<Endpoint> = futures_util::stream::iter(0..clients)
+        .map(|_| open_endpoint(&target, ROLE_RECEIVER, 0))
+        .buffer_unordered(concurrency)
+        .try_collect()
+        .await
+        .context("opening idle clients")?;
+    let secs = t.elapsed().as_secs_f64();
+    out!(
+        "opened {clients} {} clients in {secs:.2} s ({:.0}/s)",
+        target.label(),
+        clients as f64 / secs
+    );
+    let after = stable_rss_kib(pid).await?;
+    let per = (after as f64 - before as f64) / clients.max(1) as f64;
+    out!("relay VmRSS with {clients} idle clients: {after} KiB, {per:.2} KiB per client");
+    drop(conns);
+    let closed = stable_rss_kib(pid).await?;
+    out!("relay VmRSS after closing them: {closed} KiB");
+    out!(
+        "\n| transport | clients | RSS before KiB | RSS with clients KiB | KiB per client | RSS after close KiB |"
+    );
+    out!("|---|---:|---:|---:|---:|---:|");
+    out!(
+        "| {} | {clients} | {before} | {after} | {per:.2} | {closed} |",
+        target.label()
+    );
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no VmRSS in {path}"))
+}
+
+/// Samples RSS until two consecutive samples 250 ms apart agree within 1%
+/// (allocator and lazily grown buffers settle after the connections do).
+async fn stable_rss_kib(pid: u32) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    sleep(Duration::from_millis(500)).await;
+    let mut prev = rss_kib(pid)?;
+    loop {
+        sleep(Duration::from_millis(250)).await;
+        let cur = rss_kib(pid)?;
+        if cur.abs_diff(prev) <= (prev / 100).max(64) || Instant::now() > deadline {
+            return Ok(cur);
+        }
+        prev = cur;
+    }
+}
+
+fn raise_nofile_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read or write the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if ok && lim.rlim_cur < want {
+        lim.rlim_cur = want.min(lim.rlim_max);
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+    if !ok || lim.rlim_cur < want {
+        out!(
+            "warning: open-file limit {} is below {want}; raise it with `ulimit -n`",
+            lim.rlim_cur
+        );
+    }
+}
+
+// ---------------------------------------------------------------- forwarder
+
+/// A `forward-server` child process: separate so that its CPU is accounted
+/// like a relay's, not mixed with the load generator's.
+struct ForwarderChild {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ForwarderChild {
+    fn spawn() -> Result<Self> {
+        let exe = std::env::current_exe().context("locating derp-bench executable")?;
+        let mut child = Command::new(exe)
+            .args([
+                "forward-server",
+                "--addr",
+                "127.0.0.1:0",
+                "--exit-on-stdin-eof",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting forward-server child")?;
+        let stdout = child.stdout.take().context("forward-server stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("reading forward-server address")?;
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok());
+        match addr {
+            Some(addr) => Ok(ForwarderChild { child, addr }),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("forward-server printed {line:?} instead of its address")
+            }
+        }
+    }
+}
+
+impl Drop for ForwarderChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The baseline: each sender's bytes are copied to its receiver, nothing else.
+/// Clients open with 9 bytes: role (0 sender, 1 receiver) and a pair id.
+async fn forward_server(addr: SocketAddr, exit_on_stdin_eof: bool) -> Result<()> {
+    ensure!(
+        addr.ip().is_loopback(),
+        "forward-server only listens on loopback"
+    );
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    out!("listening on {}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    if exit_on_stdin_eof {
+        // Our parent holds the pipe: if it dies, even by SIGKILL, we follow.
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+    }
+    let waiting: Arc<Mutex<HashMap<u64, (u8, TcpStream)>>> = Arc::default();
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        let waiting = waiting.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let mut hello = [0u8; 9];
+            if timeout(CONNECT_TIMEOUT, stream.read_exact(&mut hello))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let (role, id) = (
+                hello[0],
+                u64::from_be_bytes(hello[1..].try_into().unwrap_or_default()),
+            );
+            let peer = {
+                let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                match w.remove(&id) {
+                    Some((r, s)) if r != role => Some(s),
+                    _ => {
+                        w.insert(id, (role, stream));
+                        return;
+                    }
+                }
+            };
+            let Some(peer) = peer else { return };
+            let (sender, receiver) = if role == ROLE_SENDER {
+                (stream, peer)
+            } else {
+                (peer, stream)
+            };
+            let (srd, _swr) = sender.into_split();
+            let (_rrd, mut rwr) = receiver.into_split();
+            let mut srd = BufReader::with_capacity(READ_CHUNK, srd);
+            let _ = tokio::io::copy_buf(&mut srd, &mut rwr).await;
+            let _ = rwr.shutdown().await;
+        });
+    }
+}

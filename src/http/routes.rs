@@ -13,7 +13,9 @@ use super::PeerAddr;
 use super::upgrade;
 use crate::relay::Shared;
 
-pub fn routes(shared: Arc<Shared>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+pub fn routes(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let with_shared = {
         let s = shared.clone();
         warp::any().map(move || s.clone())
@@ -55,7 +57,10 @@ pub fn routes(shared: Arc<Shared>) -> impl Filter<Extract = (Response,), Error =
 pub fn text(status: StatusCode, body: &'static str) -> Response {
     let mut r = Response::new(body.into());
     *r.status_mut() = status;
-    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -65,7 +70,10 @@ fn probe(method: Method) -> Response {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
     let mut r = Response::new("".into());
-    r.headers_mut().insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    r.headers_mut().insert(
+        http::header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
     r
 }
 
@@ -77,17 +85,22 @@ fn generate_204(headers: HeaderMap) -> Response {
         http::header::CACHE_CONTROL,
         HeaderValue::from_static("no-cache, no-store, must-revalidate, no-transform, max-age=0"),
     );
-    let challenge = headers.get("x-tailscale-challenge").and_then(|v| v.to_str().ok());
-    if let Some(c) = challenge.filter(|c| valid_challenge(c)) {
-        if let Ok(v) = HeaderValue::from_str(&format!("response {c}")) {
-            r.headers_mut().insert("x-tailscale-response", v);
-        }
+    let challenge = headers
+        .get("x-tailscale-challenge")
+        .and_then(|v| v.to_str().ok());
+    if let Some(c) = challenge.filter(|c| valid_challenge(c))
+        && let Ok(v) = HeaderValue::from_str(&format!("response {c}"))
+    {
+        r.headers_mut().insert("x-tailscale-response", v);
     }
     r
 }
 
 fn valid_challenge(c: &str) -> bool {
-    !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b))
+    !c.is_empty()
+        && c.len() <= 64
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b))
 }
 
 fn healthz(shared: Arc<Shared>) -> Response {
@@ -105,6 +118,9 @@ fn index() -> Response {
          Clients connect to <code>/derp</code>.</p>\n"
             .into(),
     );
-    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     r
 }

@@ -35,11 +35,13 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         let _ = stream.set_nodelay(true);
         let svc = svc.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(PeerAddr(peer));
-                let mut s = svc.clone();
-                s.call(req)
-            });
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(PeerAddr(peer));
+                    let mut s = svc.clone();
+                    s.call(req)
+                },
+            );
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)

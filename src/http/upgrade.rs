@@ -65,10 +65,16 @@ pub fn handle(
         }
         Transport::WebSocket
     } else {
-        return text(StatusCode::UPGRADE_REQUIRED, "DERP requires connection upgrade\n");
+        return text(
+            StatusCode::UPGRADE_REQUIRED,
+            "DERP requires connection upgrade\n",
+        );
     };
     let (Some(on_upgrade), Some(PeerAddr(remote))) = (on_upgrade, peer) else {
-        return text(StatusCode::UPGRADE_REQUIRED, "DERP requires an HTTP/1.1 connection upgrade\n");
+        return text(
+            StatusCode::UPGRADE_REQUIRED,
+            "DERP requires an HTTP/1.1 connection upgrade\n",
+        );
     };
     if shared.is_draining() {
         shared.metrics.refused(RefuseReason::ShuttingDown);
@@ -76,7 +82,10 @@ pub fn handle(
     }
     let Some(slot) = shared.try_client_slot() else {
         shared.metrics.refused(RefuseReason::Cap);
-        return text(StatusCode::SERVICE_UNAVAILABLE, "relay is at its client limit\n");
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay is at its client limit\n",
+        );
     };
 
     let mut resp = Response::new("".into());
@@ -95,14 +104,24 @@ pub fn handle(
             let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
                 return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
             };
-            if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-                return text(StatusCode::BAD_REQUEST, "unsupported Sec-WebSocket-Version (want 13)\n");
+            if headers
+                .get(header::SEC_WEBSOCKET_VERSION)
+                .map(|v| v.as_bytes())
+                != Some(b"13")
+            {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "unsupported Sec-WebSocket-Version (want 13)\n",
+                );
             }
             h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             if let Ok(v) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
                 h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
             }
-            h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("derp"));
+            h.insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static("derp"),
+            );
         }
     }
     tokio::spawn(run_upgraded(on_upgrade, shared, remote, transport, slot));

@@ -76,7 +76,11 @@ impl FrameType {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
     #[error("frame type {frame_type:#04x} with length {len} exceeds the limit of {limit}")]
-    TooLarge { frame_type: u8, len: usize, limit: usize },
+    TooLarge {
+        frame_type: u8,
+        len: usize,
+        limit: usize,
+    },
     #[error("frame type {frame_type:#04x} payload of {len} bytes is too short")]
     TooShort { frame_type: u8, len: usize },
     #[error("frame type {0:#04x} is not valid in this direction or phase")]
@@ -143,14 +147,21 @@ pub fn decode_frame(
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
     let max = limit(frame_type);
     if len > max {
-        return Err(FrameError::TooLarge { frame_type, len, limit: max });
+        return Err(FrameError::TooLarge {
+            frame_type,
+            len,
+            limit: max,
+        });
     }
     if buf.len() < HEADER_LEN + len {
         return Ok(None);
     }
     buf.advance(HEADER_LEN);
     let payload = buf.split_to(len).freeze();
-    Ok(Some(RawFrame { frame_type, payload }))
+    Ok(Some(RawFrame {
+        frame_type,
+        payload,
+    }))
 }
 
 /// Reason byte of a PeerGone frame.
@@ -166,8 +177,15 @@ pub enum PeerGoneReason {
 /// A frame a client may send after the handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientFrame {
-    SendPacket { dst: PublicKey, packet: Bytes },
-    ForwardPacket { src: PublicKey, dst: PublicKey, packet: Bytes },
+    SendPacket {
+        dst: PublicKey,
+        packet: Bytes,
+    },
+    ForwardPacket {
+        src: PublicKey,
+        dst: PublicKey,
+        packet: Bytes,
+    },
     NotePreferred(bool),
     Ping([u8; 8]),
     Pong([u8; 8]),
@@ -192,10 +210,16 @@ fn eight(p: &[u8]) -> [u8; 8] {
 impl ClientFrame {
     /// Interprets a frame received from a client after the handshake.
     pub fn parse(frame: RawFrame) -> Result<Self, FrameError> {
-        let RawFrame { frame_type, payload } = frame;
+        let RawFrame {
+            frame_type,
+            payload,
+        } = frame;
         let short = |need: usize| {
             if payload.len() < need {
-                Err(FrameError::TooShort { frame_type, len: payload.len() })
+                Err(FrameError::TooShort {
+                    frame_type,
+                    len: payload.len(),
+                })
             } else {
                 Ok(())
             }
@@ -203,7 +227,10 @@ impl ClientFrame {
         Ok(match FrameType::from_u8(frame_type) {
             Some(FrameType::SendPacket) => {
                 short(KEY_LEN)?;
-                ClientFrame::SendPacket { dst: key_at(&payload, 0), packet: payload.slice(KEY_LEN..) }
+                ClientFrame::SendPacket {
+                    dst: key_at(&payload, 0),
+                    packet: payload.slice(KEY_LEN..),
+                }
             }
             Some(FrameType::ForwardPacket) => {
                 short(2 * KEY_LEN)?;
@@ -241,22 +268,37 @@ impl ClientFrame {
 pub enum ServerFrame {
     ServerKey(PublicKey),
     ServerInfo(Bytes),
-    RecvPacket { src: PublicKey, packet: Bytes },
+    RecvPacket {
+        src: PublicKey,
+        packet: Bytes,
+    },
     KeepAlive,
-    PeerGone { key: PublicKey, reason: Option<u8> },
+    PeerGone {
+        key: PublicKey,
+        reason: Option<u8>,
+    },
     Ping([u8; 8]),
     Pong([u8; 8]),
     Health(Bytes),
-    Restarting { reconnect_in_ms: u32, try_for_ms: u32 },
+    Restarting {
+        reconnect_in_ms: u32,
+        try_for_ms: u32,
+    },
     Other(u8),
 }
 
 impl ServerFrame {
     pub fn parse(frame: RawFrame) -> Result<Self, FrameError> {
-        let RawFrame { frame_type, payload } = frame;
+        let RawFrame {
+            frame_type,
+            payload,
+        } = frame;
         let short = |need: usize| {
             if payload.len() < need {
-                Err(FrameError::TooShort { frame_type, len: payload.len() })
+                Err(FrameError::TooShort {
+                    frame_type,
+                    len: payload.len(),
+                })
             } else {
                 Ok(())
             }
@@ -272,12 +314,18 @@ impl ServerFrame {
             Some(FrameType::ServerInfo) => ServerFrame::ServerInfo(payload),
             Some(FrameType::RecvPacket) => {
                 short(KEY_LEN)?;
-                ServerFrame::RecvPacket { src: key_at(&payload, 0), packet: payload.slice(KEY_LEN..) }
+                ServerFrame::RecvPacket {
+                    src: key_at(&payload, 0),
+                    packet: payload.slice(KEY_LEN..),
+                }
             }
             Some(FrameType::KeepAlive) => ServerFrame::KeepAlive,
             Some(FrameType::PeerGone) => {
                 short(KEY_LEN)?;
-                ServerFrame::PeerGone { key: key_at(&payload, 0), reason: payload.get(KEY_LEN).copied() }
+                ServerFrame::PeerGone {
+                    key: key_at(&payload, 0),
+                    reason: payload.get(KEY_LEN).copied(),
+                }
             }
             Some(FrameType::Ping) => {
                 short(8)?;
@@ -291,8 +339,12 @@ impl ServerFrame {
             Some(FrameType::Restarting) => {
                 short(8)?;
                 ServerFrame::Restarting {
-                    reconnect_in_ms: u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]),
-                    try_for_ms: u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]),
+                    reconnect_in_ms: u32::from_be_bytes([
+                        payload[0], payload[1], payload[2], payload[3],
+                    ]),
+                    try_for_ms: u32::from_be_bytes([
+                        payload[4], payload[5], payload[6], payload[7],
+                    ]),
                 }
             }
             _ => ServerFrame::Other(frame_type),
@@ -396,7 +448,13 @@ mod tests {
             let mut buf = BytesMut::new();
             encode_send_packet(&mut buf, &k(9), &data);
             let f = ClientFrame::parse(one(&mut buf)).unwrap();
-            assert_eq!(f, ClientFrame::SendPacket { dst: k(9), packet: Bytes::from(data) });
+            assert_eq!(
+                f,
+                ClientFrame::SendPacket {
+                    dst: k(9),
+                    packet: Bytes::from(data)
+                }
+            );
             assert!(buf.is_empty());
         }
     }
@@ -413,18 +471,33 @@ mod tests {
         encode_pong(&mut buf, *b"87654321");
         encode_restarting(&mut buf, 500, 30_000);
         assert_eq!(one_server(&mut buf), ServerFrame::ServerKey(k(1)));
-        assert_eq!(one_server(&mut buf), ServerFrame::ServerInfo(Bytes::from_static(b"sealed")));
         assert_eq!(
             one_server(&mut buf),
-            ServerFrame::RecvPacket { src: k(2), packet: Bytes::from_static(b"hello") }
+            ServerFrame::ServerInfo(Bytes::from_static(b"sealed"))
+        );
+        assert_eq!(
+            one_server(&mut buf),
+            ServerFrame::RecvPacket {
+                src: k(2),
+                packet: Bytes::from_static(b"hello")
+            }
         );
         assert_eq!(one_server(&mut buf), ServerFrame::KeepAlive);
-        assert_eq!(one_server(&mut buf), ServerFrame::PeerGone { key: k(3), reason: Some(1) });
+        assert_eq!(
+            one_server(&mut buf),
+            ServerFrame::PeerGone {
+                key: k(3),
+                reason: Some(1)
+            }
+        );
         assert_eq!(one_server(&mut buf), ServerFrame::Ping(*b"12345678"));
         assert_eq!(one_server(&mut buf), ServerFrame::Pong(*b"87654321"));
         assert_eq!(
             one_server(&mut buf),
-            ServerFrame::Restarting { reconnect_in_ms: 500, try_for_ms: 30_000 }
+            ServerFrame::Restarting {
+                reconnect_in_ms: 500,
+                try_for_ms: 30_000
+            }
         );
         assert!(buf.is_empty());
     }
@@ -453,7 +526,9 @@ mod tests {
         buf.put_slice(b"abc");
         buf.put_slice(&[0x7f, 0, 0, 0, 2, 9, 9]);
         let frames: Vec<_> = std::iter::from_fn(|| {
-            decode_frame(&mut buf, client_frame_limit).unwrap().map(|f| ClientFrame::parse(f).unwrap())
+            decode_frame(&mut buf, client_frame_limit)
+                .unwrap()
+                .map(|f| ClientFrame::parse(f).unwrap())
         })
         .collect();
         assert_eq!(
@@ -464,7 +539,11 @@ mod tests {
                 ClientFrame::Pong([2; 8]),
                 ClientFrame::WatchConns,
                 ClientFrame::ClosePeer(k(5)),
-                ClientFrame::ForwardPacket { src: k(6), dst: k(7), packet: Bytes::from_static(b"abc") },
+                ClientFrame::ForwardPacket {
+                    src: k(6),
+                    dst: k(7),
+                    packet: Bytes::from_static(b"abc")
+                },
                 ClientFrame::Unknown(0x7f),
             ]
         );
@@ -477,26 +556,50 @@ mod tests {
         let bytes = full.freeze();
         let mut buf = BytesMut::new();
         for (i, b) in bytes.iter().enumerate() {
-            assert_eq!(decode_frame(&mut buf, client_frame_limit).unwrap(), None, "at byte {i}");
+            assert_eq!(
+                decode_frame(&mut buf, client_frame_limit).unwrap(),
+                None,
+                "at byte {i}"
+            );
             assert!(bytes_needed(&buf) > 0);
             buf.put_u8(*b);
         }
         assert_eq!(bytes_needed(&buf), 0);
-        assert!(decode_frame(&mut buf, client_frame_limit).unwrap().is_some());
+        assert!(
+            decode_frame(&mut buf, client_frame_limit)
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]
     fn oversized_frames_fail_on_the_header_alone() {
         let mut buf = BytesMut::new();
-        put_header(&mut buf, FrameType::SendPacket, KEY_LEN + MAX_PACKET_SIZE + 1);
+        put_header(
+            &mut buf,
+            FrameType::SendPacket,
+            KEY_LEN + MAX_PACKET_SIZE + 1,
+        );
         let err = decode_frame(&mut buf, client_frame_limit).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { frame_type: 0x04, .. }));
+        assert!(matches!(
+            err,
+            FrameError::TooLarge {
+                frame_type: 0x04,
+                ..
+            }
+        ));
 
         let mut buf = BytesMut::from(&[0x12, 0xff, 0xff, 0xff, 0xff][..]);
-        assert!(matches!(decode_frame(&mut buf, client_frame_limit), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            decode_frame(&mut buf, client_frame_limit),
+            Err(FrameError::TooLarge { .. })
+        ));
 
         let mut buf = BytesMut::from(&[0x7f, 0x7f, 0, 0, 0][..]);
-        assert!(matches!(decode_frame(&mut buf, client_frame_limit), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            decode_frame(&mut buf, client_frame_limit),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -510,11 +613,20 @@ mod tests {
             (0x11, &[1; 31]),
         ];
         for (t, p) in cases {
-            let f = RawFrame { frame_type: *t, payload: Bytes::copy_from_slice(p) };
-            assert!(matches!(ClientFrame::parse(f), Err(FrameError::TooShort { .. })), "type {t:#x}");
+            let f = RawFrame {
+                frame_type: *t,
+                payload: Bytes::copy_from_slice(p),
+            };
+            assert!(
+                matches!(ClientFrame::parse(f), Err(FrameError::TooShort { .. })),
+                "type {t:#x}"
+            );
         }
         for t in [0x01u8, 0x03, 0x05, 0x06, 0x08, 0x09, 0x14, 0x15, 0x02] {
-            let f = RawFrame { frame_type: t, payload: Bytes::new() };
+            let f = RawFrame {
+                frame_type: t,
+                payload: Bytes::new(),
+            };
             assert_eq!(ClientFrame::parse(f), Err(FrameError::Unexpected(t)));
         }
     }

@@ -47,7 +47,9 @@ impl ClientInfo {
         let flag = |names: &[&str]| field(names).and_then(Value::as_bool).unwrap_or(false);
         Ok(ClientInfo {
             mesh_key: string(&["meshKey", "mesh_key", "MeshKey"]),
-            version: field(&["version", "Version"]).and_then(Value::as_i64).unwrap_or(0),
+            version: field(&["version", "Version"])
+                .and_then(Value::as_i64)
+                .unwrap_or(0),
             can_ack_pings: flag(&["CanAckPings", "can_ack_pings", "canAckPings"]),
             is_prober: flag(&["IsProber", "is_prober", "isProber"]),
             app_name: string(&["AppName", "app_name", "appName"]),
@@ -115,11 +117,15 @@ impl ServerSecret {
 
     /// Opens a ClientInfo payload (`client key | nonce | box`), proving the
     /// client holds the private half of the key it claims.
-    pub fn open_client_info(&self, payload: &[u8]) -> Result<(PublicKey, ClientInfo), HandshakeError> {
+    pub fn open_client_info(
+        &self,
+        payload: &[u8],
+    ) -> Result<(PublicKey, ClientInfo), HandshakeError> {
         if payload.len() < KEY_LEN + NONCE_LEN {
             return Err(HandshakeError::TooShort(payload.len()));
         }
-        let client = PublicKey::from_slice(&payload[..KEY_LEN]).ok_or(HandshakeError::TooShort(payload.len()))?;
+        let client = PublicKey::from_slice(&payload[..KEY_LEN])
+            .ok_or(HandshakeError::TooShort(payload.len()))?;
         let nonce = crypto_box::Nonce::from_slice(&payload[KEY_LEN..KEY_LEN + NONCE_LEN]);
         let sbox = SalsaBox::new(&crypto_box::PublicKey::from(client.0), &self.secret);
         let json = sbox
@@ -188,13 +194,20 @@ impl ClientSecret {
     }
 
     /// Opens ServerInfo and checks the protocol version.
-    pub fn open_server_info(&self, server: &PublicKey, payload: &[u8]) -> Result<Value, HandshakeError> {
+    pub fn open_server_info(
+        &self,
+        server: &PublicKey,
+        payload: &[u8],
+    ) -> Result<Value, HandshakeError> {
         if payload.len() < NONCE_LEN || payload.len() > NONCE_LEN + MAX_INFO_LEN {
             return Err(HandshakeError::TooShort(payload.len()));
         }
         let sbox = SalsaBox::new(&crypto_box::PublicKey::from(server.0), &self.secret);
         let json = sbox
-            .decrypt(crypto_box::Nonce::from_slice(&payload[..NONCE_LEN]), &payload[NONCE_LEN..])
+            .decrypt(
+                crypto_box::Nonce::from_slice(&payload[..NONCE_LEN]),
+                &payload[NONCE_LEN..],
+            )
             .map_err(|_| HandshakeError::BadBox)?;
         let v: Value = serde_json::from_slice(&json).map_err(|_| HandshakeError::BadJson)?;
         let version = v.get("version").and_then(Value::as_i64).unwrap_or(0);
@@ -228,7 +241,9 @@ mod tests {
         let server = ServerSecret::generate();
         let client = ClientSecret::generate();
         let json = br#"{"can_ack_pings":false,"is_prober":true,"mesh_key":"none","version":2}"#;
-        let (_, info) = server.open_client_info(&client.seal_client_info(&server.public(), json)).unwrap();
+        let (_, info) = server
+            .open_client_info(&client.seal_client_info(&server.public(), json))
+            .unwrap();
         assert!(info.is_prober);
         assert_eq!(info.mesh_key.as_deref(), Some("none"));
         assert!(!info.is_mesh_peer(Some(&[0; 32])));
@@ -237,7 +252,10 @@ mod tests {
     #[test]
     fn mesh_key_matches_only_exactly() {
         let want = [0xab; 32];
-        let mut info = ClientInfo { mesh_key: Some(hex::encode(want)), ..Default::default() };
+        let mut info = ClientInfo {
+            mesh_key: Some(hex::encode(want)),
+            ..Default::default()
+        };
         assert!(info.is_mesh_peer(Some(&want)));
         assert!(!info.is_mesh_peer(None));
         info.mesh_key = Some(hex::encode([0xac; 32]));
@@ -252,14 +270,20 @@ mod tests {
         let mut payload = forger.seal_client_info(&server.public(), b"{}");
         // Claim the honest client's key while the box was sealed by the forger.
         payload[..32].copy_from_slice(&honest.public().0);
-        assert_eq!(server.open_client_info(&payload), Err(HandshakeError::BadBox));
+        assert_eq!(
+            server.open_client_info(&payload),
+            Err(HandshakeError::BadBox)
+        );
     }
 
     #[test]
     fn malformed_client_info_is_refused() {
         let server = ServerSecret::generate();
         let client = ClientSecret::generate();
-        assert_eq!(server.open_client_info(&[0; 10]), Err(HandshakeError::TooShort(10)));
+        assert_eq!(
+            server.open_client_info(&[0; 10]),
+            Err(HandshakeError::TooShort(10))
+        );
         let mut p = client.seal_client_info(&server.public(), b"{}");
         let last = p.len() - 1;
         p[last] ^= 1;
@@ -278,7 +302,10 @@ mod tests {
         let v = client.open_server_info(&server.public(), &sealed).unwrap();
         assert_eq!(v["tokenBucketBytesPerSecond"], 10);
         let sealed = server.seal_server_info(&client.public(), br#"{"version":1}"#);
-        assert_eq!(client.open_server_info(&server.public(), &sealed), Err(HandshakeError::Version(1)));
+        assert_eq!(
+            client.open_server_info(&server.public(), &sealed),
+            Err(HandshakeError::Version(1))
+        );
     }
 
     #[test]

@@ -93,15 +93,30 @@ mod tests {
         let k = PublicKey([7u8; 32]);
         assert_eq!(PublicKey::parse(&k.to_base64()).unwrap(), k);
         assert_eq!(PublicKey::parse(&k.to_nodekey_hex()).unwrap(), k);
-        assert_eq!(PublicKey::parse(&format!("  {}\t", k.to_base64())).unwrap(), k);
+        assert_eq!(
+            PublicKey::parse(&format!("  {}\t", k.to_base64())).unwrap(),
+            k
+        );
     }
 
     #[test]
     fn rejects_bad_keys() {
-        assert!(matches!(PublicKey::parse("AAAA"), Err(KeyParseError::Length(3))));
-        assert!(matches!(PublicKey::parse("!!!"), Err(KeyParseError::Encoding(_))));
-        assert!(matches!(PublicKey::parse("nodekey:zz"), Err(KeyParseError::Encoding(_))));
-        assert!(matches!(PublicKey::parse("nodekey:abcd"), Err(KeyParseError::Length(2))));
+        assert!(matches!(
+            PublicKey::parse("AAAA"),
+            Err(KeyParseError::Length(3))
+        ));
+        assert!(matches!(
+            PublicKey::parse("!!!"),
+            Err(KeyParseError::Encoding(_))
+        ));
+        assert!(matches!(
+            PublicKey::parse("nodekey:zz"),
+            Err(KeyParseError::Encoding(_))
+        ));
+        assert!(matches!(
+            PublicKey::parse("nodekey:abcd"),
+            Err(KeyParseError::Length(2))
+        ));
     }
 
     #[test]

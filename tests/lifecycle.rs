@@ -1,0 +1,296 @@
+//! Faults, limits and stopping: what happens around the data path.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use derp_relay::actors::connection::ConnMsg;
+use derp_relay::actors::registry::RegistryMsg;
+use derp_relay::metrics::RefuseReason;
+use derp_relay::protocol::frame::ServerFrame;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ts_keys::NodeKeyPair;
+
+#[tokio::test]
+async fn a_panicking_connection_actor_closes_only_its_connection() {
+    let relay = start_relay(|_| {}).await;
+    let mut victim = RawClient::connect(relay.addr, Via::Derp).await;
+    let (ka, kb) = (NodeKeyPair::random(), NodeKeyPair::random());
+    let a = ts_client(relay.addr, Via::Ws, &ka).await;
+    let b = ts_client(relay.addr, Via::Derp, &kb).await;
+    eventually("registered", || relay.relay().shared.clients.len() == 3).await;
+
+    let h = relay
+        .relay()
+        .shared
+        .clients
+        .active(&victim.key())
+        .expect("victim registered");
+    h.actor.cast(ConnMsg::CrashForTest).unwrap();
+    assert!(victim.closed().await, "the crashed connection is closed");
+    eventually("panic counted", || {
+        relay.relay().metrics().connection_panics.get() == 1
+    })
+    .await;
+    eventually("victim deregistered", || {
+        relay.relay().shared.clients.len() == 2
+    })
+    .await;
+
+    a.send_one(kb.public, b"still relaying").await.unwrap();
+    assert_eq!(recv_ts(&b).await.1, b"still relaying");
+}
+
+#[tokio::test]
+async fn a_registry_crash_is_restarted_without_dropping_clients() {
+    let relay = start_relay(|_| {}).await;
+    let (ka, kb) = (NodeKeyPair::random(), NodeKeyPair::random());
+    let a = ts_client(relay.addr, Via::Ws, &ka).await;
+    let b = ts_client(relay.addr, Via::Derp, &kb).await;
+    let shared = relay.relay().shared.clone();
+    let first = shared.registry().unwrap().get_id();
+    shared
+        .registry()
+        .unwrap()
+        .cast(RegistryMsg::CrashForTest)
+        .unwrap();
+    eventually("registry restarted", || {
+        shared.registry().map(|r| r.get_id()) != Some(first)
+    })
+    .await;
+    assert_eq!(
+        relay
+            .relay()
+            .metrics()
+            .actor_restarts
+            .with_label_values(&["registry"])
+            .get(),
+        1
+    );
+
+    a.send_one(kb.public, b"routes survive").await.unwrap();
+    assert_eq!(recv_ts(&b).await.1, b"routes survive");
+    // Registration still works through the new registry.
+    let kc = NodeKeyPair::random();
+    let c = ts_client(relay.addr, Via::Derp, &kc).await;
+    b.send_one(kc.public, b"new client").await.unwrap();
+    assert_eq!(recv_ts(&c).await.1, b"new client");
+    // And leaving still deregisters.
+    drop(a);
+    eventually("a deregistered", || {
+        !shared.clients.is_connected(&public(&ka))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn graceful_stop_tells_every_client_to_go_away() {
+    let mut relay = start_relay(|_| {}).await;
+    let mut derp = RawClient::connect(relay.addr, Via::Derp).await;
+    let mut ws = ws_connect(relay.addr).await.unwrap();
+    // Complete a WebSocket handshake by hand so we can watch for the close code.
+    let secret = derp_relay::protocol::handshake::ClientSecret::generate();
+    let mut hdr = [0u8; 45];
+    ws.read_exact(&mut hdr).await.unwrap();
+    let server = derp_relay::protocol::PublicKey(hdr[13..45].try_into().unwrap());
+    let mut out = bytes::BytesMut::new();
+    derp_relay::protocol::frame::encode_client_info(
+        &mut out,
+        &secret.seal_client_info(&server, b"{}"),
+    );
+    ws.write_all(&out).await.unwrap();
+    ws.flush().await.unwrap();
+    eventually("both registered", || {
+        relay.relay().shared.clients.len() == 2
+    })
+    .await;
+
+    let stop = tokio::spawn(async move {
+        let left = relay.shutdown().await;
+        (left, relay)
+    });
+    match derp.recv_skip_keepalive().await {
+        Some(ServerFrame::ServerInfo(_)) | None => panic!("expected Restarting"),
+        Some(ServerFrame::Restarting {
+            reconnect_in_ms,
+            try_for_ms,
+        }) => {
+            assert!(reconnect_in_ms > 0 && try_for_ms > reconnect_in_ms);
+        }
+        other => panic!("expected Restarting, got {other:?}"),
+    }
+    assert!(derp.closed().await, "closed after Restarting");
+    assert_eq!(ws.close_code().await, Some(1001));
+    let (left, _relay) = stop.await.unwrap();
+    assert_eq!(left, 0, "every client left before the deadline");
+}
+
+#[tokio::test]
+async fn client_cap_refuses_upgrades_with_503() {
+    let relay = start_relay(|c| c.max_clients = 1).await;
+    let kp = NodeKeyPair::random();
+    let _first = ts_client(relay.addr, Via::Derp, &kp).await;
+    for via in BOTH {
+        let err = connect_io(relay.addr, via).await.err().expect("refused");
+        assert!(err.to_string().contains("503"), "{via:?}: {err}");
+    }
+    assert_eq!(relay.relay().metrics().refused_count(RefuseReason::Cap), 2);
+    drop(_first);
+    eventually("slot released", || relay.relay().shared.clients.is_empty()).await;
+    // The slot is free again once the first client has gone.
+    let mut ok = false;
+    for _ in 0..100 {
+        if connect_io(relay.addr, Via::Derp).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(ok, "a new client fits after the first left");
+}
+
+#[tokio::test]
+async fn silent_client_is_closed_at_the_handshake_deadline_and_frees_its_slot() {
+    let relay = start_relay(|c| {
+        c.handshake_timeout = Duration::from_millis(300);
+        c.max_clients = 1;
+    })
+    .await;
+    let mut c = RawClient::start(relay.addr, Via::Derp).await; // never sends ClientInfo
+    assert!(c.closed().await);
+    assert_eq!(
+        relay
+            .relay()
+            .metrics()
+            .refused_count(RefuseReason::BadHandshake),
+        1
+    );
+    let kp = NodeKeyPair::random();
+    let _ok = ts_client(relay.addr, Via::Ws, &kp).await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, req: &str) -> String {
+    let mut s = tcp_from(next_source_ip(), addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads only the response head (an upgraded connection stays open).
+async fn http_head(addr: std::net::SocketAddr, req: &str) -> String {
+    let mut s = tcp_from(next_source_ip(), addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut b = [0u8; 512];
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before the response head");
+        out.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn http_endpoints() {
+    let relay = start_relay(|_| {}).await;
+    let a = relay.addr;
+    let get = |path: &str, extra: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n")
+    };
+
+    let r = http_get(a, &get("/derp", "")).await;
+    assert!(r.starts_with("HTTP/1.1 426"), "{r}");
+    assert!(r.contains("DERP requires connection upgrade"), "{r}");
+
+    let r = http_get(
+        a,
+        "DELETE /derp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+
+    let r = http_get(a, &get("/derp", "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")).await;
+    assert!(
+        r.starts_with("HTTP/1.1 400") && r.contains("subprotocol"),
+        "{r}"
+    );
+
+    for p in ["/derp/probe", "/derp/latency-check"] {
+        let r = http_get(a, &get(p, "")).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(
+            r.to_ascii_lowercase()
+                .contains("access-control-allow-origin: *"),
+            "{r}"
+        );
+        let r = http_get(
+            a,
+            &format!(
+                "POST {p} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    }
+
+    let r = http_get(
+        a,
+        &get("/generate_204", "X-Tailscale-Challenge: abc-123.xyz\r\n"),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+    assert!(
+        r.to_ascii_lowercase()
+            .contains("x-tailscale-response: response abc-123.xyz"),
+        "{r}"
+    );
+    let r = http_get(
+        a,
+        &get("/generate_204", "X-Tailscale-Challenge: bad value!\r\n"),
+    )
+    .await;
+    assert!(
+        !r.to_ascii_lowercase().contains("x-tailscale-response"),
+        "{r}"
+    );
+
+    let r = http_get(a, &get("/healthz", "")).await;
+    assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("ok\n"), "{r}");
+
+    let r = http_get(a, &get("/", "")).await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("derp-relay"),
+        "{r}"
+    );
+
+    let r = http_head(a, &get("/derp", "Upgrade: DERP\r\nConnection: Upgrade\r\n")).await;
+    assert!(r.starts_with("HTTP/1.1 101"), "{r}");
+    let lower = r.to_ascii_lowercase();
+    assert!(lower.contains("derp-version: 2"), "{r}");
+    let key = relay.relay().shared.secret.public();
+    assert!(
+        lower.contains(&format!("derp-public-key: {}", hex::encode(key.as_bytes()))),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off() {
+    let relay = start_relay(|_| {}).await;
+    let mut s = tcp_from(next_source_ip(), relay.addr).await.unwrap();
+    s.write_all(b"GET /derp HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Never finish the headers: hyper's header timeout (10 s) closes the socket.
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
+    assert!(r.is_ok(), "connection closed by the header timeout");
+}
