@@ -50,6 +50,22 @@ pub struct Config {
     /// How long a graceful stop may take before remaining connections are cut.
     #[serde(with = "duration_text")]
     pub shutdown_timeout: Duration,
+    /// Allowed client keys, one per line; reloaded live when it changes.
+    pub allowed_keys_file: Option<PathBuf>,
+    /// Trust-on-first-use bindings; default `<data_dir>/tofu-bindings.json`.
+    pub bindings_file: Option<PathBuf>,
+    /// Admit only keys that already have a TOFU binding (or are in the ACL).
+    pub tofu_lock: bool,
+    /// HTTP requests per second allowed per client address; 0 = no limit.
+    pub rate_limit: u32,
+    /// Requests a client address may make in a burst above `rate_limit`.
+    pub rate_burst: u32,
+    /// Take the client address from `Fly-Client-IP` / `X-Forwarded-For`.
+    pub trust_proxy: bool,
+    /// Serve Prometheus `/metrics` on 127.0.0.1:PORT; 0 = off.
+    pub metrics_port: u16,
+    /// Bearer token for the detailed `/healthz`; unset = no detail.
+    pub metrics_token: Option<String>,
 }
 
 impl Default for Config {
@@ -65,6 +81,14 @@ impl Default for Config {
             write_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
+            allowed_keys_file: None,
+            bindings_file: None,
+            tofu_lock: false,
+            rate_limit: 5,
+            rate_burst: 10,
+            trust_proxy: false,
+            metrics_port: 0,
+            metrics_token: None,
         }
     }
 }
@@ -117,6 +141,38 @@ pub struct Flags {
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout: Option<String>,
+    /// Allowed-keys file (one base64 or nodekey:hex key per line), reloaded live.
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_keys_file: Option<PathBuf>,
+    /// TOFU bindings file [default: <data-dir>/tofu-bindings.json].
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bindings_file: Option<PathBuf>,
+    /// Admit only keys with a TOFU binding (or in the allowed-keys file).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tofu_lock: bool,
+    /// HTTP requests per second per client address (0 = off).
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
+    /// Burst of requests per client address above --rate-limit.
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_burst: Option<u32>,
+    /// Trust Fly-Client-IP / X-Forwarded-For for the client address (only behind a proxy you run).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub trust_proxy: bool,
+    /// Serve Prometheus metrics on 127.0.0.1:PORT (0 = off).
+    #[arg(long, value_name = "PORT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_port: Option<u16>,
+    /// Bearer token that unlocks the detailed /healthz (prefer the env var DERP_RELAY_METRICS_TOKEN).
+    #[arg(long, value_name = "TOKEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_token: Option<String>,
 }
 
 /// A configuration problem, already phrased for the operator.
@@ -170,6 +226,35 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        match (&self.allowed_keys_file, self.open_relay) {
+            (Some(_), true) => {
+                return Err(ConfigError(
+                    "open_relay and allowed_keys_file are both set: choose one. \
+                     --allowed-keys-file admits only listed keys; --open-relay admits anyone"
+                        .into(),
+                ));
+            }
+            (None, false) => {
+                return Err(ConfigError(
+                    "no admission policy: pass --allowed-keys-file PATH to admit only listed keys, \
+                     or --open-relay to admit anyone (see README, \"Admission\")"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.rate_limit > 0 && self.rate_burst == 0 {
+            return Err(ConfigError(
+                "rate_burst: must be at least 1 when rate_limit is on".into(),
+            ));
+        }
+        if self
+            .metrics_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(ConfigError("metrics_token: must not be empty".into()));
+        }
         if self.queue_depth == 0 {
             return Err(ConfigError("queue_depth: must be at least 1".into()));
         }
@@ -205,6 +290,12 @@ impl Config {
 
     pub fn server_key_path(&self) -> PathBuf {
         self.data_dir.join("derp.key")
+    }
+
+    pub fn bindings_path(&self) -> PathBuf {
+        self.bindings_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("tofu-bindings.json"))
     }
 }
 
@@ -282,13 +373,34 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    fn open() -> Flags {
+        Flags {
+            open_relay: true,
+            ..Default::default()
+        }
+    }
+
     fn no_env() -> Env {
         Env::prefixed("DERP_RELAY_TEST_UNUSED_PREFIX_")
     }
 
     #[test]
-    fn defaults_are_valid() {
-        let c = Config::load_from(&Flags::default(), no_env()).unwrap();
+    fn defaults_need_an_admission_choice() {
+        let e = Config::load_from(&Flags::default(), no_env())
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("--open-relay") && e.contains("--allowed-keys-file"),
+            "{e}"
+        );
+        let both = Flags {
+            open_relay: true,
+            allowed_keys_file: Some("k".into()),
+            ..Default::default()
+        };
+        let e = Config::load_from(&both, no_env()).unwrap_err().0;
+        assert!(e.contains("choose one"), "{e}");
+        let c = Config::load_from(&open(), no_env()).unwrap();
         assert_eq!(c.addr, ":8443");
         assert_eq!(c.max_clients, 10_000);
         assert_eq!(c.ping_interval, Duration::from_secs(30));
@@ -306,7 +418,7 @@ mod tests {
         let flags = Flags {
             config: Some(f.path().to_path_buf()),
             addr: Some("127.0.0.1:2".into()),
-            ..Default::default()
+            ..open()
         };
         let c = Config::load_from(&flags, no_env()).unwrap();
         assert_eq!(c.max_clients, 5);
@@ -324,7 +436,7 @@ mod tests {
         .unwrap();
         let flags = Flags {
             config: Some(f.path().to_path_buf()),
-            ..Default::default()
+            ..open()
         };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.contains(&format!("{}:3", f.path().display())), "{e}");
@@ -334,7 +446,7 @@ mod tests {
         writeln!(g, "addr = \n").unwrap();
         let flags = Flags {
             config: Some(g.path().to_path_buf()),
-            ..Default::default()
+            ..open()
         };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.starts_with(&format!("{}:1", g.path().display())), "{e}");
@@ -343,7 +455,7 @@ mod tests {
         writeln!(h, "no_such_key = 1").unwrap();
         let flags = Flags {
             config: Some(h.path().to_path_buf()),
-            ..Default::default()
+            ..open()
         };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.contains("no_such_key"), "{e}");
@@ -353,13 +465,13 @@ mod tests {
     fn flag_errors_name_the_flag() {
         let flags = Flags {
             ping_interval: Some("fast".into()),
-            ..Default::default()
+            ..open()
         };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.contains("--ping-interval"), "{e}");
         let flags = Flags {
             addr: Some("nonsense".into()),
-            ..Default::default()
+            ..open()
         };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.starts_with("addr:"), "{e}");
@@ -369,7 +481,7 @@ mod tests {
     fn env_errors_name_the_variable() {
         // SAFETY: only this test uses this prefix.
         unsafe { std::env::set_var("DERP_RELAY_CFGTEST_MAX_CLIENTS", "many") };
-        let e = Config::load_from(&Flags::default(), Env::prefixed("DERP_RELAY_CFGTEST_"))
+        let e = Config::load_from(&open(), Env::prefixed("DERP_RELAY_CFGTEST_"))
             .unwrap_err()
             .0;
         assert!(e.contains("MAX_CLIENTS"), "{e}");

@@ -109,6 +109,10 @@ pub struct Metrics {
     pub disconnects: IntCounterVec,
     pub actor_restarts: IntCounterVec,
     pub connection_panics: IntCounter,
+    pub acl_reloads: IntCounterVec,
+    pub acl_keys: IntGauge,
+    pub tofu_bindings: IntGauge,
+    pub tofu_write_failures: IntCounter,
 }
 
 impl Metrics {
@@ -128,6 +132,11 @@ impl Metrics {
                 .unwrap_or_else(|e| panic!("metric {name}: {e}"));
             reg(Box::new(c.clone()));
             c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+            reg(Box::new(g.clone()));
+            g
         };
         let dropped_vec = counter_vec(
             "derp_packets_dropped_total",
@@ -204,6 +213,17 @@ impl Metrics {
             connection_panics: counter(
                 "derp_connection_panics_total",
                 "Connection actors that panicked (the connection was closed).",
+            ),
+            acl_reloads: counter_vec(
+                "derp_acl_reloads_total",
+                "Allowed-keys file reloads, by result (ok, failed).",
+                &["result"],
+            ),
+            acl_keys: gauge("derp_acl_keys", "Keys in the allowed-keys set in force."),
+            tofu_bindings: gauge("derp_tofu_bindings", "Keys with a TOFU binding."),
+            tofu_write_failures: counter(
+                "derp_tofu_write_failures_total",
+                "Failed writes of the TOFU bindings file.",
             ),
             registry,
         }

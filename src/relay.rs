@@ -12,8 +12,10 @@ use ractor::{Actor, ActorCell, ActorRef};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::actors::acl::{AclMsg, AclStatus, AllowedKeys};
 use crate::actors::registry::{Clients, RegistryMsg};
 use crate::actors::supervisor::{RootArgs, RootMsg, RootSupervisor};
+use crate::actors::tofu::{Bindings, TofuMsg};
 use crate::config::Config;
 use crate::metrics::{Metrics, RefuseReason};
 use crate::protocol::{PublicKey, ServerSecret};
@@ -27,6 +29,13 @@ pub struct Shared {
     /// Set once when a graceful stop begins: refuse new clients, /healthz says draining.
     pub draining: Arc<AtomicBool>,
     registry: RwLock<Option<ActorRef<RegistryMsg>>>,
+    tofu: RwLock<Option<ActorRef<TofuMsg>>>,
+    acl_actor: RwLock<Option<ActorRef<AclMsg>>>,
+    /// The allowed-keys set in force (`None` on an open relay). Swapped whole by the ACL actor.
+    acl: RwLock<Option<Arc<AllowedKeys>>>,
+    acl_status: RwLock<AclStatus>,
+    /// TOFU bindings; the TOFU actor writes them to disk.
+    pub bindings: std::sync::Mutex<Bindings>,
     root: OnceLock<ActorCell>,
     conn_ids: AtomicU64,
     /// Upgraded connections in handshake or registered, for `max_clients`.
@@ -35,11 +44,29 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, secret: ServerSecret) -> Self {
+    pub fn new(
+        config: Config,
+        secret: ServerSecret,
+        acl: Option<AllowedKeys>,
+        bindings: Bindings,
+    ) -> Self {
+        let metrics = Metrics::new();
+        metrics
+            .acl_keys
+            .set(acl.as_ref().map_or(0, |a| a.len() as i64));
+        metrics.tofu_bindings.set(bindings.len() as i64);
         Shared {
+            tofu: RwLock::new(None),
+            acl_actor: RwLock::new(None),
+            acl: RwLock::new(acl.map(Arc::new)),
+            acl_status: RwLock::new(AclStatus {
+                last_reload: Some(std::time::SystemTime::now()),
+                last_error: None,
+            }),
+            bindings: std::sync::Mutex::new(bindings),
             config,
             secret,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(metrics),
             clients: Arc::new(Clients::default()),
             draining: Arc::new(AtomicBool::new(false)),
             registry: RwLock::new(None),
@@ -60,6 +87,45 @@ impl Shared {
 
     pub(crate) fn set_registry(&self, r: Option<ActorRef<RegistryMsg>>) {
         *self.registry.write().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    pub fn tofu(&self) -> Option<ActorRef<TofuMsg>> {
+        self.tofu.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_tofu(&self, r: Option<ActorRef<TofuMsg>>) {
+        *self.tofu.write().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    pub fn acl_actor(&self) -> Option<ActorRef<AclMsg>> {
+        self.acl_actor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_acl_actor(&self, r: Option<ActorRef<AclMsg>>) {
+        *self.acl_actor.write().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    /// The allowed-keys set in force, or `None` on an open relay.
+    pub fn acl(&self) -> Option<Arc<AllowedKeys>> {
+        self.acl.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_acl(&self, a: Arc<AllowedKeys>) {
+        *self.acl.write().unwrap_or_else(|p| p.into_inner()) = Some(a);
+    }
+
+    pub fn acl_status(&self) -> AclStatus {
+        self.acl_status
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_acl_status(&self, s: AclStatus) {
+        *self.acl_status.write().unwrap_or_else(|p| p.into_inner()) = s;
     }
 
     pub(crate) fn root_cell(&self) -> Option<ActorCell> {
@@ -85,12 +151,29 @@ impl Shared {
         Some(ClientSlot(self.clone()))
     }
 
-    /// Admission after the key is proven. The open relay admits everyone.
-    pub fn admit(&self, _key: &PublicKey, _remote: SocketAddr) -> Result<(), RefuseReason> {
+    /// Admission of a proven key: the ACL (if any), then `--tofu-lock`.
+    /// Returns the key's ACL label. Called by the registry as it registers the
+    /// client, so an ACL reload cannot slip between check and registration.
+    pub fn admit(&self, key: &PublicKey) -> Result<Option<String>, RefuseReason> {
         if self.is_draining() {
             return Err(RefuseReason::ShuttingDown);
         }
-        Ok(())
+        let acl = self.acl();
+        let in_acl = acl.as_deref().is_some_and(|a| a.contains(key));
+        if acl.is_some() && !in_acl {
+            return Err(RefuseReason::Acl);
+        }
+        if self.config.tofu_lock && !in_acl {
+            let bound = self
+                .bindings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(key);
+            if !bound {
+                return Err(RefuseReason::TofuLock);
+            }
+        }
+        Ok(acl.and_then(|a| a.label(key).map(str::to_owned)))
     }
 }
 
@@ -152,8 +235,13 @@ impl Relay {
     /// Validates, starts the supervisor tree, then binds and serves.
     pub async fn start(config: Config) -> Result<Relay, String> {
         let listen = config.listen_addr().map_err(|e| e.0)?;
+        let acl = match &config.allowed_keys_file {
+            Some(p) => Some(AllowedKeys::load(p)?),
+            None => None,
+        };
+        let bindings = Bindings::load(&config.bindings_path())?;
         let secret = load_or_create_key(&config.server_key_path())?;
-        let shared = Arc::new(Shared::new(config, secret));
+        let shared = Arc::new(Shared::new(config, secret, acl, bindings));
 
         let (fatal_tx, fatal) = watch::channel(None);
         let (root, _) = Actor::spawn(
@@ -229,6 +317,11 @@ impl Relay {
                 clients = left,
                 "shutdown deadline reached; cutting remaining connections"
             );
+        }
+        if let Some(t) = self.shared.tofu()
+            && let Ok(Err(e)) = ractor::call_t!(t, TofuMsg::Flush, 5_000)
+        {
+            tracing::error!(error = %e, "final TOFU flush failed");
         }
         self.shared.set_registry(None);
         self.root.stop(Some("shutdown".into()));

@@ -85,13 +85,6 @@ pub async fn accept(
             return;
         }
     };
-    if let Err(reason) = shared.admit(&key, remote) {
-        shared.metrics.refused(reason);
-        tracing::info!(target: "derp_relay::admission", %remote, %key, reason = reason.as_str(), "client refused");
-        writer.close().await;
-        return;
-    }
-
     let sealed = shared
         .secret
         .seal_server_info(&key, &server_info_json(None));
@@ -111,7 +104,7 @@ pub async fn accept(
         slot,
     };
     let Some(root) = shared.root_cell() else {
-        return; // the relay is stopping
+        return; // not started yet; cannot happen once serving
     };
     match Actor::spawn_linked(None, ConnectionActor, args, root).await {
         Ok(_) => {
@@ -122,7 +115,7 @@ pub async fn accept(
                 .observe(started.elapsed().as_secs_f64());
         }
         Err(e) => {
-            shared.metrics.refused(RefuseReason::ShuttingDown);
+            // Refusals were counted by the actor; the socket closed with its args.
             tracing::debug!(target: "derp_relay::core", %remote, %key, error = %e, "client not registered");
         }
     }
@@ -225,9 +218,12 @@ impl Actor for ConnectionActor {
             myself.clone(),
         ));
         let registry = shared.registry().ok_or("registry is not running")?;
-        let admitted = ractor::call_t!(registry, RegistryMsg::Register, 5_000, handle.clone())?;
-        if !admitted {
-            return Err("relay is shutting down".into());
+        if let Err(reason) =
+            ractor::call_t!(registry, RegistryMsg::Register, 5_000, handle.clone())?
+        {
+            shared.metrics.refused(reason);
+            tracing::info!(target: "derp_relay::admission", key = %a.key, remote = %a.remote, reason = reason.as_str(), "client refused");
+            return Err(reason.as_str().into());
         }
         tracing::debug!(
             target: "derp_relay::core",

@@ -1,8 +1,10 @@
-//! The supervisor tree (see DESIGN.md §1): RootSupervisor, Registry, and one
-//! actor per connection, plus the send queue and transports they share.
+//! The supervisor tree (see DESIGN.md §1): RootSupervisor, Registry, Acl, Tofu,
+//! and one actor per connection, plus the send queue and transports they share.
 
+pub mod acl;
 pub mod connection;
 pub mod registry;
 pub mod send_queue;
 pub mod supervisor;
+pub mod tofu;
 pub mod transport;

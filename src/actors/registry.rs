@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -21,8 +20,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::connection::ConnMsg;
 use super::send_queue::{Control, SendQueue};
-use crate::metrics::{DropReason, Metrics, Transport};
+use super::tofu::TofuMsg;
+use crate::metrics::{DropReason, Metrics, RefuseReason, Transport};
 use crate::protocol::{PeerGoneReason, PublicKey};
+use crate::relay::Shared;
 
 /// Receivers remembered per sender for PeerGone. A client that sprays packets
 /// at more peers than this simply stops being remembered for new ones.
@@ -235,9 +236,9 @@ impl Clients {
 
 /// Control messages for the registry. Never one per packet.
 pub enum RegistryMsg {
-    /// A client finished its handshake and was admitted. Replies false when the
-    /// relay is shutting down.
-    Register(Arc<ClientHandle>, RpcReplyPort<bool>),
+    /// A client proved its key. The registry applies admission (ACL,
+    /// `--tofu-lock`, shutdown) and registers it, or replies why not.
+    Register(Arc<ClientHandle>, RpcReplyPort<Result<(), RefuseReason>>),
     /// A connection ended.
     Deregister(Arc<ClientHandle>),
     /// An inactive duplicate sent a packet.
@@ -255,25 +256,31 @@ pub enum RegistryMsg {
 
 pub struct RegistryActor;
 
-pub struct RegistryArgs {
-    pub clients: Arc<Clients>,
-    pub metrics: Arc<Metrics>,
-    pub ping_interval: Duration,
-    pub draining: Arc<AtomicBool>,
+pub struct RegistryState {
+    shared: Arc<Shared>,
+    clients: Arc<Clients>,
+    metrics: Arc<Metrics>,
 }
 
 impl Actor for RegistryActor {
     type Msg = RegistryMsg;
-    type State = RegistryArgs;
-    type Arguments = RegistryArgs;
+    type State = RegistryState;
+    type Arguments = Arc<Shared>;
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        args: RegistryArgs,
+        shared: Arc<Shared>,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let args = RegistryState {
+            clients: shared.clients.clone(),
+            metrics: shared.metrics.clone(),
+            shared,
+        };
         // One shared ticker for every client instead of a timer per connection.
-        myself.send_interval(args.ping_interval, || RegistryMsg::KeepAliveTick);
+        myself.send_interval(args.shared.config.ping_interval, || {
+            RegistryMsg::KeepAliveTick
+        });
         // After a restart the table is intact (it is shared, not ours), but
         // connections that ended while we were down may have missed deregistering.
         let mut stale = Vec::new();
@@ -296,16 +303,26 @@ impl Actor for RegistryActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             RegistryMsg::Register(h, reply) => {
-                if st.draining.load(Ordering::Relaxed) {
-                    let _ = reply.send(false);
-                    return Ok(());
+                let label = match st.shared.admit(&h.key) {
+                    Ok(l) => l,
+                    Err(r) => {
+                        let _ = reply.send(Err(r));
+                        return Ok(());
+                    }
+                };
+                if let Some(t) = st.shared.tofu() {
+                    let _ = t.cast(TofuMsg::Seen {
+                        key: h.key,
+                        label,
+                        addr: h.remote,
+                    });
                 }
                 st.metrics.clients(h.transport).inc();
                 if st.clients.insert(h.clone()) {
                     st.metrics.duplicate_keys.inc();
                     tracing::info!(target: "derp_relay::core", key = %h.key, conn = h.conn_id, "duplicate connection for key; newest is active");
                 }
-                let _ = reply.send(true);
+                let _ = reply.send(Ok(()));
             }
             RegistryMsg::Deregister(h) => deregister(st, &h),
             RegistryMsg::Activity(h) => st.clients.activate(&h),
@@ -335,7 +352,7 @@ impl Actor for RegistryActor {
     }
 }
 
-fn deregister(st: &RegistryArgs, h: &Arc<ClientHandle>) {
+fn deregister(st: &RegistryState, h: &Arc<ClientHandle>) {
     let sent_to = h.take_sent_to();
     let before = st.clients.len();
     let key_gone = st.clients.remove(h);

@@ -1,12 +1,13 @@
 //! RootSupervisor: starts the long-lived actors, restarts the ones that crash
 //! (within a budget), supervises connection actors, and drives shutdown.
 //!
-//! Long-lived actors keep their state where a restart can find it (the
-//! registry's routing table is shared, not owned by the actor), so a restart
-//! costs no client its connection. Connection actors are supervised but never
-//! restarted: a crash closes that one connection and the client reconnects.
+//! Long-lived actors keep their state where a restart can find it: the routing
+//! table and TOFU bindings live in `Shared`, the ACL is re-read from its file.
+//! A restart therefore costs no client its connection. Connection actors are
+//! supervised but never restarted: a crash closes that one connection and the
+//! client reconnects.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,12 +16,32 @@ use ractor::{
 };
 use tokio::sync::watch;
 
-use super::registry::{RegistryActor, RegistryArgs, RegistryMsg};
+use super::acl::AclActor;
+use super::registry::{RegistryActor, RegistryMsg};
+use super::tofu::TofuActor;
 use crate::relay::Shared;
 
 /// Restarts allowed within [`RESTART_WINDOW`] before the relay gives up.
 const RESTART_BUDGET: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// The long-lived children, in start order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Child {
+    Tofu,
+    Acl,
+    Registry,
+}
+
+impl Child {
+    fn name(self) -> &'static str {
+        match self {
+            Child::Tofu => "tofu",
+            Child::Acl => "acl",
+            Child::Registry => "registry",
+        }
+    }
+}
 
 pub enum RootMsg {
     /// Broadcast GoingAway to every client; replies with how many were told.
@@ -38,23 +59,37 @@ pub struct RootArgs {
 pub struct RootState {
     shared: Arc<Shared>,
     fatal: watch::Sender<Option<String>>,
-    registry: ActorId,
+    children: HashMap<ActorId, Child>,
     restarts: VecDeque<Instant>,
 }
 
-async fn spawn_registry(
+async fn spawn_child(
     shared: &Arc<Shared>,
+    which: Child,
     root: ActorCell,
-) -> Result<ActorRef<RegistryMsg>, ActorProcessingErr> {
-    let args = RegistryArgs {
-        clients: shared.clients.clone(),
-        metrics: shared.metrics.clone(),
-        ping_interval: shared.config.ping_interval,
-        draining: shared.draining.clone(),
-    };
-    let (r, _) = Actor::spawn_linked(None, RegistryActor, args, root).await?;
-    shared.set_registry(Some(r.clone()));
-    Ok(r)
+) -> Result<Option<ActorId>, ActorProcessingErr> {
+    Ok(match which {
+        Child::Registry => {
+            let (r, _) = Actor::spawn_linked(None, RegistryActor, shared.clone(), root).await?;
+            shared.set_registry(Some(r.clone()));
+            Some(r.get_id())
+        }
+        Child::Tofu => {
+            let (r, _) = Actor::spawn_linked(None, TofuActor, shared.clone(), root).await?;
+            shared.set_tofu(Some(r.clone()));
+            Some(r.get_id())
+        }
+        Child::Acl => match &shared.config.allowed_keys_file {
+            Some(path) => {
+                let (r, _) =
+                    Actor::spawn_linked(None, AclActor, (shared.clone(), path.clone()), root)
+                        .await?;
+                shared.set_acl_actor(Some(r.clone()));
+                Some(r.get_id())
+            }
+            None => None, // open relay: nothing to watch
+        },
+    })
 }
 
 impl Actor for RootSupervisor {
@@ -67,11 +102,16 @@ impl Actor for RootSupervisor {
         myself: ActorRef<RootMsg>,
         a: RootArgs,
     ) -> Result<RootState, ActorProcessingErr> {
-        let registry = spawn_registry(&a.shared, myself.get_cell()).await?;
+        let mut children = HashMap::new();
+        for which in [Child::Tofu, Child::Acl, Child::Registry] {
+            if let Some(id) = spawn_child(&a.shared, which, myself.get_cell()).await? {
+                children.insert(id, which);
+            }
+        }
         Ok(RootState {
             shared: a.shared,
             fatal: a.fatal,
-            registry: registry.get_id(),
+            children,
             restarts: VecDeque::new(),
         })
     }
@@ -105,7 +145,7 @@ impl Actor for RootSupervisor {
             SupervisionEvent::ActorTerminated(cell, _, _) => (cell, None),
             _ => return Ok(()),
         };
-        if cell.get_id() != st.registry {
+        let Some(which) = st.children.remove(&cell.get_id()) else {
             // A connection actor. Its teardown already closed the socket and
             // deregistered the client; a panic is counted here.
             if let Some(err) = failure {
@@ -113,19 +153,20 @@ impl Actor for RootSupervisor {
                 tracing::error!(target: "derp_relay::core", error = %err, "connection actor panicked; connection closed");
             }
             return Ok(());
-        }
+        };
         if st.shared.is_draining() && failure.is_none() {
             return Ok(());
         }
-        tracing::error!(actor = "registry", error = ?failure, "actor stopped unexpectedly; restarting");
+        tracing::error!(actor = which.name(), error = ?failure, "actor stopped unexpectedly; restarting");
         let now = Instant::now();
         st.restarts
             .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
         if st.restarts.len() >= RESTART_BUDGET {
             let why = format!(
-                "registry crashed {} times within {}s; giving up",
+                "{} actor restarts within {}s (last: {}); giving up and stopping",
                 st.restarts.len() + 1,
-                RESTART_WINDOW.as_secs()
+                RESTART_WINDOW.as_secs(),
+                which.name()
             );
             tracing::error!("{why}");
             let _ = st.fatal.send(Some(why));
@@ -135,10 +176,11 @@ impl Actor for RootSupervisor {
         st.shared
             .metrics
             .actor_restarts
-            .with_label_values(&["registry"])
+            .with_label_values(&[which.name()])
             .inc();
-        let r = spawn_registry(&st.shared, myself.get_cell()).await?;
-        st.registry = r.get_id();
+        if let Some(id) = spawn_child(&st.shared, which, myself.get_cell()).await? {
+            st.children.insert(id, which);
+        }
         Ok(())
     }
 }

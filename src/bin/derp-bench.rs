@@ -38,6 +38,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -104,6 +105,12 @@ enum Mode {
         load: LoadArgs,
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Total packets/s for the latency round; 0 = half of each relay
+        /// transport's measured peak. A relay that collapses under overload
+        /// has a low unpaced peak, so a sweep with `throughput --rate` may
+        /// find a better operating point to pass here.
+        #[arg(long, default_value_t = 0)]
+        latency_rate: u64,
     },
     /// Memory cost of idle handshaken clients, from the relay's VmRSS.
     Idle {
@@ -183,9 +190,9 @@ fn time_budget(mode: &Mode) -> Option<Duration> {
     let per_run = |l: &LoadArgs| l.duration.max(0.0) + 45.0;
     let secs = match mode {
         Mode::Throughput { load, .. } | Mode::Forwarder { load, .. } => per_run(load),
-        Mode::Compare { url, load, rounds } => {
-            per_run(load) * ((rounds * (url.len() + 1)) + url.len() + 1) as f64
-        }
+        Mode::Compare {
+            url, load, rounds, ..
+        } => per_run(load) * ((rounds * (url.len() + 1)) + url.len() + 1) as f64,
         Mode::Idle { clients, .. } => 120.0 + *clients as f64 / 100.0,
         Mode::ForwardServer { .. } => return None,
     };
@@ -204,7 +211,7 @@ async fn run(mode: Mode) -> Result<()> {
             check_load(&load)?;
             let child = match addr {
                 Some(_) => None,
-                None => Some(ForwarderChild::spawn()?),
+                None => Some(ForwarderChild::spawn().await?),
             };
             let addr = addr
                 .or(child.as_ref().map(|c| c.addr))
@@ -212,7 +219,12 @@ async fn run(mode: Mode) -> Result<()> {
             let r = run_load(&Target::Forwarder(addr), &load).await?;
             print_throughput_table(&[(r, None)]);
         }
-        Mode::Compare { url, load, rounds } => compare(&url, &load, rounds.max(1)).await?,
+        Mode::Compare {
+            url,
+            load,
+            rounds,
+            latency_rate,
+        } => compare(&url, &load, rounds.max(1), latency_rate).await?,
         Mode::Idle {
             url,
             clients,
@@ -672,10 +684,9 @@ async fn run_load(target: &Target, load: &LoadArgs) -> Result<RunResult> {
         if Instant::now() > warm_deadline {
             bail!("{label}: pair {i} never delivered a warm-up packet within {WARMUP_TIMEOUT:?}");
         }
-        if let Some(t) = send_tasks.iter().find(|t| t.is_finished()) {
-            let _ = t;
-            break; // a sender died; its error surfaces when joined below
-        }
+        // A client that died here would otherwise only show as a timeout.
+        ended_early(&mut send_tasks, "sender").await?;
+        ended_early(&mut recv_tasks, "receiver").await?;
         sleep(Duration::from_millis(5)).await;
     }
     let start = Instant::now();
@@ -828,6 +839,18 @@ async fn send(
     Ok((seq, wr))
 }
 
+/// Fails if one of `tasks` has already finished, with its error if it had one.
+async fn ended_early<T>(tasks: &mut Vec<JoinHandle<Result<T>>>, what: &str) -> Result<()> {
+    if let Some(i) = tasks.iter().position(|t| t.is_finished()) {
+        tasks
+            .swap_remove(i)
+            .await
+            .with_context(|| format!("{what} task panicked"))??;
+        bail!("{what} {i} ended during warm-up");
+    }
+    Ok(())
+}
+
 /// Senders must still read: the relay may ping them, and an unread socket
 /// would eventually stall the relay's writer for that client.
 async fn drain_sender_reads(
@@ -864,7 +887,11 @@ async fn receive(
             _ = stop.changed() => break,
             f = ep.rd.next_frame() => f.context("receiving")?,
         };
-        let Some(frame) = frame else { break };
+        // Senders are held open until we stop, so neither a relay nor the
+        // forwarder has a reason to close a receiver before that.
+        let Some(frame) = frame else {
+            bail!("connection closed by the far end during the run")
+        };
         // RecvPacket from the relay; SendPacket arrives unchanged through the
         // forwarder, and has the same layout (key, then packet).
         if (frame.frame_type == FrameType::RecvPacket as u8
@@ -932,13 +959,17 @@ fn print_throughput_table(rows: &[(RunResult, Option<f64>)]) {
     }
 }
 
-async fn compare(urls: &[String], load: &LoadArgs, rounds: usize) -> Result<()> {
+async fn compare(urls: &[String], load: &LoadArgs, rounds: usize, latency_rate: u64) -> Result<()> {
     check_load(load)?;
     let relays = urls
         .iter()
         .map(|u| RelayUrl::parse(u).map(Target::Derp))
         .collect::<Result<Vec<_>>>()?;
-    let fwd = ForwarderChild::spawn()?;
+    // Fail fast on an unreachable relay, before minutes of forwarder rounds.
+    for t in &relays {
+        open_endpoint(t, ROLE_RECEIVER, 0).await?;
+    }
+    let fwd = ForwarderChild::spawn().await?;
     out!("forwarder pid {} on {}", fwd.child.id(), fwd.addr);
     let mut targets = vec![Target::Forwarder(fwd.addr)];
     targets.extend(relays);
@@ -981,28 +1012,24 @@ async fn compare(urls: &[String], load: &LoadArgs, rounds: usize) -> Result<()> 
         .collect();
 
     // Latency is only meaningful below saturation: rerun each relay transport
-    // at half its own peak, and the forwarder at the first relay's half peak.
+    // at half its own peak (or the rate asked for), and the forwarder at the
+    // first relay's rate so the two latencies are at the same load.
     let mut latency_runs = Vec::new();
-    let half_rate = |pps: f64| ((pps / 2.0 / load.pairs as f64) as u64).max(1);
-    if let Some(first_relay) = summary.get(1) {
-        out!("-- latency at half of the relay peak");
-        let fwd_load = LoadArgs {
-            rate: half_rate(first_relay.pps),
-            ..load.clone()
-        };
-        latency_runs.push(run_load(&targets[0], &fwd_load).await?);
-        for (t, s) in targets.iter().zip(&summary).skip(1) {
+    let per_pair = |total: f64| ((total / load.pairs as f64) as u64).max(1);
+    let rate_for = |s: &RunResult| match latency_rate {
+        0 => per_pair(s.pps / 2.0),
+        r => per_pair(r as f64),
+    };
+    if summary.len() > 1 {
+        out!("-- open-loop latency round");
+        for (i, t) in targets.iter().enumerate() {
+            let rate = rate_for(&summary[i.max(1)]);
+            let paced = LoadArgs {
+                rate,
+                ..load.clone()
+            };
+            latency_runs.push(run_load(t, &paced).await?);
             sleep(Duration::from_millis(300)).await;
-            latency_runs.push(
-                run_load(
-                    t,
-                    &LoadArgs {
-                        rate: half_rate(s.pps),
-                        ..load.clone()
-                    },
-                )
-                .await?,
-            );
         }
     }
 
@@ -1022,7 +1049,11 @@ async fn compare(urls: &[String], load: &LoadArgs, rounds: usize) -> Result<()> 
         .collect();
     print_throughput_table(&rows);
     if !latency_runs.is_empty() {
-        out!("\nopen-loop latency at half of the relay's peak:");
+        let how = match latency_rate {
+            0 => "half of the relay's peak".to_owned(),
+            r => format!("{r} pps"),
+        };
+        out!("\nopen-loop latency at {how}:");
         out!("\n| transport | offered pps | delivered pps | p50 µs | p99 µs | p999 µs | lost |");
         out!("|---|---:|---:|---:|---:|---:|---:|");
         for r in &latency_runs {
@@ -1136,7 +1167,7 @@ struct ForwarderChild {
 }
 
 impl ForwarderChild {
-    fn spawn() -> Result<Self> {
+    async fn spawn() -> Result<Self> {
         let exe = std::env::current_exe().context("locating derp-bench executable")?;
         let mut child = Command::new(exe)
             .args([
@@ -1150,10 +1181,17 @@ impl ForwarderChild {
             .spawn()
             .context("starting forward-server child")?;
         let stdout = child.stdout.take().context("forward-server stdout")?;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .context("reading forward-server address")?;
+        // Blocking read on a helper thread, so a silent child hits the timeout.
+        let read = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .map(|_| line)
+        });
+        let line = match timeout(CONNECT_TIMEOUT, read).await {
+            Ok(Ok(Ok(line))) => line,
+            _ => String::new(),
+        };
         let addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -1202,10 +1240,10 @@ async fn forward_server(addr: SocketAddr, exit_on_stdin_eof: bool) -> Result<()>
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let mut hello = [0u8; 9];
-            if timeout(CONNECT_TIMEOUT, stream.read_exact(&mut hello))
-                .await
-                .is_err()
-            {
+            if !matches!(
+                timeout(CONNECT_TIMEOUT, stream.read_exact(&mut hello)).await,
+                Ok(Ok(_))
+            ) {
                 return;
             }
             let (role, id) = (

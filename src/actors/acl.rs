@@ -1,0 +1,247 @@
+//! ACL: the allowed-keys file, reloaded live.
+//!
+//! The actor watches the file's *directory* (editors and Kubernetes ConfigMaps
+//! replace files by rename or symlink swap, which a watch on the file itself
+//! would lose), debounces bursts of events, re-parses, and swaps the new set in
+//! only if the whole file parses; otherwise the last good set stays and the
+//! error is logged with file and line. Keys that lost admission are handed to
+//! the registry to disconnect.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use notify::{RecursiveMode, Watcher};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::registry::RegistryMsg;
+use crate::protocol::PublicKey;
+use crate::relay::Shared;
+
+/// Events closer together than this are one edit.
+const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// The parsed allowed-keys file: key → optional label.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct AllowedKeys {
+    keys: HashMap<PublicKey, Option<String>>,
+}
+
+impl AllowedKeys {
+    /// Parses the file format: one key per line (base64 or `nodekey:<hex>`),
+    /// `#` comments, blank lines ignored, whitespace trimmed; a comment line
+    /// directly above a key labels it. Errors are `line: problem`.
+    pub fn parse(text: &str) -> Result<AllowedKeys, String> {
+        let mut keys = HashMap::new();
+        let mut label: Option<String> = None;
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() {
+                label = None;
+                continue;
+            }
+            if let Some(c) = line.strip_prefix('#') {
+                let c = c.trim();
+                label = (!c.is_empty()).then(|| c.to_string());
+                continue;
+            }
+            let key = PublicKey::parse(line).map_err(|e| {
+                let shown: String = line.chars().take(60).collect();
+                format!("{}: {shown:?} is not a public key: {e}", i + 1)
+            })?;
+            keys.insert(key, label.take());
+        }
+        Ok(AllowedKeys { keys })
+    }
+
+    pub fn load(path: &Path) -> Result<AllowedKeys, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}:{e}", path.display()))
+    }
+
+    pub fn contains(&self, k: &PublicKey) -> bool {
+        self.keys.contains_key(k)
+    }
+
+    pub fn label(&self, k: &PublicKey) -> Option<&str> {
+        self.keys.get(k).and_then(|l| l.as_deref())
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    fn removed_in(&self, newer: &AllowedKeys) -> Vec<PublicKey> {
+        self.keys
+            .keys()
+            .filter(|k| !newer.contains(k))
+            .copied()
+            .collect()
+    }
+}
+
+/// What `/healthz` reports about the ACL.
+#[derive(Debug, Clone, Default)]
+pub struct AclStatus {
+    pub last_reload: Option<SystemTime>,
+    pub last_error: Option<String>,
+}
+
+pub enum AclMsg {
+    /// Something changed in the watched directory.
+    Changed,
+    /// The debounce delay passed: re-read the file.
+    Reload,
+    /// Lets tests prove an ACL crash is survived.
+    CrashForTest,
+}
+
+pub struct AclActor;
+
+pub struct AclState {
+    shared: Arc<Shared>,
+    path: PathBuf,
+    reload_pending: bool,
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl Actor for AclActor {
+    type Msg = AclMsg;
+    type State = AclState;
+    type Arguments = (Arc<Shared>, PathBuf);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<AclMsg>,
+        (shared, path): (Arc<Shared>, PathBuf),
+    ) -> Result<AclState, ActorProcessingErr> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let me = myself.clone();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if ev.is_ok() {
+                let _ = me.cast(AclMsg::Changed);
+            }
+        })?;
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        // A restart re-reads the file: it may have changed while we were down.
+        let _ = myself.cast(AclMsg::Reload);
+        Ok(AclState {
+            shared,
+            path,
+            reload_pending: false,
+            _watcher: watcher,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<AclMsg>,
+        msg: AclMsg,
+        st: &mut AclState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AclMsg::Changed => {
+                if !st.reload_pending {
+                    st.reload_pending = true;
+                    myself.send_after(DEBOUNCE, || AclMsg::Reload);
+                }
+            }
+            AclMsg::Reload => {
+                st.reload_pending = false;
+                reload(&st.shared, &st.path);
+            }
+            AclMsg::CrashForTest => panic!("ACL crash requested by a test"),
+        }
+        Ok(())
+    }
+}
+
+fn reload(shared: &Shared, path: &Path) {
+    let m = &shared.metrics;
+    match AllowedKeys::load(path) {
+        Ok(new) => {
+            let old = shared.acl();
+            m.acl_reloads.with_label_values(&["ok"]).inc();
+            shared.set_acl_status(AclStatus {
+                last_reload: Some(SystemTime::now()),
+                last_error: None,
+            });
+            if old.as_deref() == Some(&new) {
+                return;
+            }
+            let removed = old
+                .as_deref()
+                .map(|o| o.removed_in(&new))
+                .unwrap_or_default();
+            m.acl_keys.set(new.len() as i64);
+            tracing::info!(target: "derp_relay::admission", keys = new.len(), removed = removed.len(), file = %path.display(), "allowed keys reloaded");
+            // Swap first, then evict: a registration racing this reload is
+            // checked by the registry against the new set or evicted after it.
+            shared.set_acl(Arc::new(new));
+            if !removed.is_empty()
+                && let Some(reg) = shared.registry()
+            {
+                let _ = reg.cast(RegistryMsg::Evict(removed, "acl_removed"));
+            }
+        }
+        Err(e) => {
+            m.acl_reloads.with_label_values(&["failed"]).inc();
+            tracing::error!(target: "derp_relay::admission", error = %e, "allowed keys file rejected; keeping the last good set");
+            let mut s = shared.acl_status();
+            s.last_error = Some(e);
+            shared.set_acl_status(s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_keys_comments_labels_and_both_forms() {
+        let a = PublicKey([1; 32]);
+        let b = PublicKey([2; 32]);
+        let c = PublicKey([3; 32]);
+        let text = format!(
+            "# header comment\n\n# Agent: web-01\n  {}  \n{}\n\n# orphan label\n\n#\n{}\n",
+            a.to_base64(),
+            b.to_nodekey_hex(),
+            c.to_base64()
+        );
+        let acl = AllowedKeys::parse(&text).unwrap();
+        assert_eq!(acl.len(), 3);
+        assert_eq!(acl.label(&a), Some("Agent: web-01"));
+        assert_eq!(acl.label(&b), None);
+        assert_eq!(acl.label(&c), None);
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let text = format!("{}\n# ok\nnot-a-key\n", PublicKey([1; 32]).to_base64());
+        let e = AllowedKeys::parse(&text).unwrap_err();
+        assert!(e.starts_with("3: \"not-a-key\""), "{e}");
+        let e = AllowedKeys::load(Path::new("/nonexistent/keys.txt")).unwrap_err();
+        assert!(e.starts_with("/nonexistent/keys.txt: "), "{e}");
+    }
+
+    #[test]
+    fn removed_keys_are_found() {
+        let old = AllowedKeys::parse(&format!(
+            "{}\n{}\n",
+            PublicKey([1; 32]).to_base64(),
+            PublicKey([2; 32]).to_base64()
+        ))
+        .unwrap();
+        let new = AllowedKeys::parse(&PublicKey([2; 32]).to_base64()).unwrap();
+        assert_eq!(old.removed_in(&new), vec![PublicKey([1; 32])]);
+    }
+}
