@@ -2,6 +2,7 @@
 //! DESIGN.md (in the team's shared folder) for the architecture.
 
 pub mod actors;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod metrics;

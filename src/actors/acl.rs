@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use notify::{RecursiveMode, Watcher};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -19,7 +19,10 @@ use super::registry::RegistryMsg;
 use crate::protocol::PublicKey;
 use crate::relay::Shared;
 
-/// Events closer together than this are one edit.
+/// The file is re-read once the directory has been quiet this long. Waiting
+/// for quiet (rather than reading this long after the first event) matters for
+/// in-place writes, which truncate and then write: reading in between would see
+/// a partial file that parses, and evict keys that were never removed.
 const DEBOUNCE: Duration = Duration::from_millis(250);
 
 /// The parsed allowed-keys file: key → optional label.
@@ -107,6 +110,7 @@ pub struct AclState {
     shared: Arc<Shared>,
     path: PathBuf,
     reload_pending: bool,
+    last_event: Instant,
     _watcher: notify::RecommendedWatcher,
 }
 
@@ -137,6 +141,7 @@ impl Actor for AclActor {
             shared,
             path,
             reload_pending: false,
+            last_event: Instant::now(),
             _watcher: watcher,
         })
     }
@@ -149,12 +154,19 @@ impl Actor for AclActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             AclMsg::Changed => {
+                st.last_event = Instant::now();
                 if !st.reload_pending {
                     st.reload_pending = true;
                     myself.send_after(DEBOUNCE, || AclMsg::Reload);
                 }
             }
             AclMsg::Reload => {
+                let quiet = st.last_event.elapsed();
+                if st.reload_pending && quiet < DEBOUNCE {
+                    // Still being written: one timer at a time, re-armed.
+                    myself.send_after(DEBOUNCE - quiet, || AclMsg::Reload);
+                    return Ok(());
+                }
                 st.reload_pending = false;
                 reload(&st.shared, &st.path);
             }

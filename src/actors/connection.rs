@@ -29,6 +29,9 @@ use crate::relay::{ClientSlot, Shared};
 /// Smallest read reservation; idle clients settle here, busy ones grow.
 const MIN_READ: usize = 1024;
 const MAX_READ: usize = 64 << 10;
+/// Packets routed in a row after which the reader lets writers run; well under
+/// the default queue depth, so a one-to-one flow does not overflow it.
+const YIELD_AFTER: u64 = 16;
 /// Write buffers larger than this are released after a batch rather than kept.
 const KEEP_WRITE_BUF: usize = 256 << 10;
 /// PeerGone(NotHere) answers per sender: burst, then one per second.
@@ -324,8 +327,22 @@ async fn read_frames(
         tokens: NOT_HERE_BURST,
         at: Instant::now(),
     };
+    // Counted locally and published once per read: one shared atomic add per
+    // read instead of per packet.
+    let mut routed = 0u64;
+    let mut received = 0u64;
     loop {
         loop {
+            if routed >= YIELD_AFTER {
+                m.packets_routed.inc_by(routed);
+                m.bytes_received.inc_by(received);
+                (routed, received) = (0, 0);
+                // Writers this reader woke wait in this worker's run queue (tokio
+                // runs a woken task after the waker yields). Without a yield a
+                // busy sender routes packet after packet while their queues
+                // overflow.
+                tokio::task::yield_now().await;
+            }
             let f = match frame::decode_frame(buf, frame::client_frame_limit) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -343,7 +360,7 @@ async fn read_frames(
             };
             match f {
                 ClientFrame::SendPacket { dst, packet } => {
-                    m.bytes_received.inc_by(packet.len() as u64);
+                    received += packet.len() as u64;
                     if h.should_request_activity()
                         && let Some(reg) = shared.registry()
                     {
@@ -352,7 +369,7 @@ async fn read_frames(
                     let disco = frame::is_disco(&packet);
                     match shared.clients.route(h.key, &dst, packet, disco) {
                         Ok((dst_conn, head_drop)) => {
-                            m.packets_routed.inc();
+                            routed += 1;
                             if let Some(r) = head_drop {
                                 m.dropped(r).inc();
                             }
@@ -391,6 +408,9 @@ async fn read_frames(
                 }
             }
         }
+        m.packets_routed.inc_by(routed);
+        m.bytes_received.inc_by(received);
+        (routed, received) = (0, 0);
         if buf.is_empty() && buf.capacity() > 4 * hint {
             *buf = BytesMut::new(); // give a burst's buffer back once it is drained
         }

@@ -1,12 +1,14 @@
 //! The HTTP front: our own accept loop (header timeout, stop-accepting) serving
 //! warp routes, including the two upgrades on `/derp`.
 
+pub mod rate_limit;
 pub mod routes;
 pub mod server;
 pub mod upgrade;
 
 use std::net::SocketAddr;
 
-/// The TCP peer of a request, put into request extensions by the accept loop.
+/// The client's address (the TCP peer, or what a trusted proxy reports), put
+/// into request extensions by the accept loop.
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);

@@ -37,7 +37,7 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 /// message limit that fits the largest frame, ClientInfo, with room to spare.
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(4 << 10)
+        .read_buffer_size(256)
         .write_buffer_size(0)
         .max_message_size(Some(2 * MAX_INFO_LEN))
         .max_frame_size(Some(2 * MAX_INFO_LEN))

@@ -388,3 +388,30 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 pub fn dropped(relay: &Relay, reason: derp_relay::metrics::DropReason) -> u64 {
     relay.metrics().dropped(reason).get()
 }
+
+/// Like [`ts_client`], but returns the handshake error (e.g. refused by the ACL).
+pub async fn try_ts_client(
+    addr: SocketAddr,
+    via: Via,
+    kp: &NodeKeyPair,
+) -> Result<ts_derp::Client<BoxIo>, String> {
+    let io = connect_io(addr, via).await.map_err(|e| e.to_string())?;
+    match tokio::time::timeout(WAIT, ts_derp::Client::handshake(io, kp)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("handshake timed out".into()),
+    }
+}
+
+/// Base64 form of a ts_keys key pair's public key, as the ACL file wants it.
+pub fn b64(kp: &NodeKeyPair) -> String {
+    public(kp).to_base64()
+}
+
+/// Writes an allowed-keys file atomically (temp + rename), as a careful editor does.
+pub fn write_keys(path: &std::path::Path, keys: &[&NodeKeyPair]) {
+    let text: String = keys.iter().map(|k| format!("{}\n", b64(k))).collect();
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
