@@ -1,4 +1,9 @@
-//! derp-relay's entry point: configuration, logging, the relay, and signals.
+//! derp-relay's entry point. Without a subcommand it runs the relay
+//! (configuration, logging, the supervisor tree, signals); the operator
+//! subcommands (`healthcheck`, `probe`, `derpmap`, `keys`) live in [`cli`] and
+//! share the binary so a minimal container image carries every tool it needs.
+
+mod cli;
 
 use std::process::ExitCode;
 
@@ -10,11 +15,20 @@ use derp_relay::config::{Config, Flags, LogFormat};
 #[command(
     name = "derp-relay",
     version,
-    about = "A self-hosted DERP relay for Tailscale-compatible clients"
+    about = "A self-hosted DERP relay for Tailscale-compatible clients",
+    long_about = "A self-hosted DERP relay for Tailscale-compatible clients.\n\n\
+        Without a subcommand, runs the relay with the flags below \
+        (e.g. `derp-relay --open-relay`). Every flag is also an environment \
+        variable DERP_RELAY_<NAME> and a key in the --config file.",
+    // Relay flags and a subcommand never mix: `derp-relay --open-relay probe`
+    // is a mistake to report, not a relay to start.
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(flatten)]
     flags: Flags,
+    #[command(subcommand)]
+    command: Option<cli::Command>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -33,6 +47,9 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(cmd) = cli.command {
+        return cli::run(cmd);
+    }
     let config = match Config::load(&cli.flags) {
         Ok(c) => c,
         Err(e) => {

@@ -113,6 +113,7 @@ pub struct Metrics {
     pub acl_keys: IntGauge,
     pub tofu_bindings: IntGauge,
     pub tofu_write_failures: IntCounter,
+    pub max_clients: IntGauge,
 }
 
 impl Metrics {
@@ -138,6 +139,20 @@ impl Metrics {
             reg(Box::new(g.clone()));
             g
         };
+        let build = IntGaugeVec::new(
+            Opts::new(
+                "derp_build_info",
+                "Always 1; labels say which build is running.",
+            ),
+            &["version"],
+        )
+        .unwrap_or_else(|e| panic!("metric derp_build_info: {e}"));
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        reg(Box::new(build));
+        // process_resident_memory_bytes, process_open_fds, CPU seconds, ...
+        reg(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
         let dropped_vec = counter_vec(
             "derp_packets_dropped_total",
             "Packets not delivered, by reason.",
@@ -225,6 +240,7 @@ impl Metrics {
                 "derp_tofu_write_failures_total",
                 "Failed writes of the TOFU bindings file.",
             ),
+            max_clients: gauge("derp_max_clients", "The configured client cap (0 = none)."),
             registry,
         }
     }
@@ -239,6 +255,10 @@ impl Metrics {
 
     pub fn refused_count(&self, reason: RefuseReason) -> u64 {
         self.refused.with_label_values(&[reason.as_str()]).get()
+    }
+
+    pub fn total_dropped(&self) -> u64 {
+        self.dropped.iter().map(|c| c.get()).sum()
     }
 
     pub fn clients(&self, t: Transport) -> &IntGauge {

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::actors::acl::{AclMsg, AclStatus, AllowedKeys};
+use crate::actors::metrics::MetricsMsg;
 use crate::actors::registry::{Clients, RegistryMsg};
 use crate::actors::supervisor::{RootArgs, RootMsg, RootSupervisor};
 use crate::actors::tofu::{Bindings, TofuMsg};
@@ -31,6 +32,7 @@ pub struct Shared {
     registry: RwLock<Option<ActorRef<RegistryMsg>>>,
     tofu: RwLock<Option<ActorRef<TofuMsg>>>,
     acl_actor: RwLock<Option<ActorRef<AclMsg>>>,
+    metrics_actor: RwLock<Option<ActorRef<MetricsMsg>>>,
     /// The allowed-keys set in force (`None` on an open relay). Swapped whole by the ACL actor.
     acl: RwLock<Option<Arc<AllowedKeys>>>,
     acl_status: RwLock<AclStatus>,
@@ -51,6 +53,7 @@ impl Shared {
         bindings: Bindings,
     ) -> Self {
         let metrics = Metrics::new();
+        metrics.max_clients.set(config.max_clients as i64);
         metrics
             .acl_keys
             .set(acl.as_ref().map_or(0, |a| a.len() as i64));
@@ -58,6 +61,7 @@ impl Shared {
         Shared {
             tofu: RwLock::new(None),
             acl_actor: RwLock::new(None),
+            metrics_actor: RwLock::new(None),
             acl: RwLock::new(acl.map(Arc::new)),
             acl_status: RwLock::new(AclStatus {
                 last_reload: Some(std::time::SystemTime::now()),
@@ -95,6 +99,20 @@ impl Shared {
 
     pub(crate) fn set_tofu(&self, r: Option<ActorRef<TofuMsg>>) {
         *self.tofu.write().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    pub fn metrics_actor(&self) -> Option<ActorRef<MetricsMsg>> {
+        self.metrics_actor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_metrics_actor(&self, r: Option<ActorRef<MetricsMsg>>) {
+        *self
+            .metrics_actor
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = r;
     }
 
     pub fn acl_actor(&self) -> Option<ActorRef<AclMsg>> {

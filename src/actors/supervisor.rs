@@ -17,6 +17,7 @@ use ractor::{
 use tokio::sync::watch;
 
 use super::acl::AclActor;
+use super::metrics::MetricsActor;
 use super::registry::{RegistryActor, RegistryMsg};
 use super::tofu::TofuActor;
 use crate::relay::Shared;
@@ -27,7 +28,8 @@ const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// The long-lived children, in start order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Child {
+pub enum Child {
+    Metrics,
     Tofu,
     Acl,
     Registry,
@@ -36,6 +38,7 @@ enum Child {
 impl Child {
     fn name(self) -> &'static str {
         match self {
+            Child::Metrics => "metrics",
             Child::Tofu => "tofu",
             Child::Acl => "acl",
             Child::Registry => "registry",
@@ -46,7 +49,13 @@ impl Child {
 pub enum RootMsg {
     /// Broadcast GoingAway to every client; replies with how many were told.
     GoingAway(RpcReplyPort<usize>),
+    /// Start a crashed child again (retried if its start fails, e.g. while
+    /// the port its predecessor held is still being released).
+    Restart(Child),
 }
+
+/// Delay before retrying a child whose restart failed.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
 
 pub struct RootSupervisor;
 
@@ -72,6 +81,11 @@ async fn spawn_child(
         Child::Registry => {
             let (r, _) = Actor::spawn_linked(None, RegistryActor, shared.clone(), root).await?;
             shared.set_registry(Some(r.clone()));
+            Some(r.get_id())
+        }
+        Child::Metrics => {
+            let (r, _) = Actor::spawn_linked(None, MetricsActor, shared.clone(), root).await?;
+            shared.set_metrics_actor(Some(r.clone()));
             Some(r.get_id())
         }
         Child::Tofu => {
@@ -103,7 +117,7 @@ impl Actor for RootSupervisor {
         a: RootArgs,
     ) -> Result<RootState, ActorProcessingErr> {
         let mut children = HashMap::new();
-        for which in [Child::Tofu, Child::Acl, Child::Registry] {
+        for which in [Child::Metrics, Child::Tofu, Child::Acl, Child::Registry] {
             if let Some(id) = spawn_child(&a.shared, which, myself.get_cell()).await? {
                 children.insert(id, which);
             }
@@ -118,11 +132,28 @@ impl Actor for RootSupervisor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<RootMsg>,
+        myself: ActorRef<RootMsg>,
         msg: RootMsg,
         st: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            RootMsg::Restart(which) => {
+                if st.shared.is_draining() {
+                    return Ok(());
+                }
+                match spawn_child(&st.shared, which, myself.get_cell()).await {
+                    Ok(Some(id)) => {
+                        st.children.insert(id, which);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(actor = which.name(), error = %e, "restart failed; retrying");
+                        if st.spend_restart(which) {
+                            myself.send_after(RETRY_AFTER, move || RootMsg::Restart(which));
+                        }
+                    }
+                }
+            }
             RootMsg::GoingAway(reply) => {
                 let n = match st.shared.registry() {
                     Some(r) => ractor::call_t!(r, RegistryMsg::GoingAway, 5_000).unwrap_or(0),
@@ -158,29 +189,39 @@ impl Actor for RootSupervisor {
             return Ok(());
         }
         tracing::error!(actor = which.name(), error = ?failure, "actor stopped unexpectedly; restarting");
+        if st.spend_restart(which) {
+            // Via the mailbox, so a failing start is retried rather than
+            // failing the supervisor itself.
+            let _ = myself.cast(RootMsg::Restart(which));
+        }
+        Ok(())
+    }
+}
+
+impl RootState {
+    /// Counts a restart against the budget; false (and the relay told to
+    /// stop) once the budget is spent.
+    fn spend_restart(&mut self, which: Child) -> bool {
         let now = Instant::now();
-        st.restarts
+        self.restarts
             .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
-        if st.restarts.len() >= RESTART_BUDGET {
+        if self.restarts.len() >= RESTART_BUDGET {
             let why = format!(
                 "{} actor restarts within {}s (last: {}); giving up and stopping",
-                st.restarts.len() + 1,
+                self.restarts.len() + 1,
                 RESTART_WINDOW.as_secs(),
                 which.name()
             );
             tracing::error!("{why}");
-            let _ = st.fatal.send(Some(why));
-            return Ok(());
+            let _ = self.fatal.send(Some(why));
+            return false;
         }
-        st.restarts.push_back(now);
-        st.shared
+        self.restarts.push_back(now);
+        self.shared
             .metrics
             .actor_restarts
             .with_label_values(&[which.name()])
             .inc();
-        if let Some(id) = spawn_child(&st.shared, which, myself.get_cell()).await? {
-            st.children.insert(id, which);
-        }
-        Ok(())
+        true
     }
 }

@@ -25,24 +25,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use bytes::BytesMut;
 use clap::{Args, Parser, Subcommand};
+use derp_relay::client::{self, ConnectOptions, FrameReader, FrameWriter, RelayUrl, connect_tcp};
 use derp_relay::protocol::PublicKey;
 use derp_relay::protocol::frame::{
-    FrameType, HEADER_LEN, MAX_PACKET_SIZE, RawFrame, ServerFrame, bytes_needed, decode_frame,
-    encode_client_info, encode_pong, encode_send_packet, server_frame_limit,
+    FrameType, HEADER_LEN, MAX_PACKET_SIZE, ServerFrame, encode_pong, encode_send_packet,
 };
 use derp_relay::protocol::handshake::ClientSecret;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt as _, StreamExt as _, TryStreamExt as _};
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::{WebSocketStream, client_async};
 
 /// `println!` that ignores a closed stdout (e.g. piped into `head`) rather
 /// than panicking in the middle of a run.
@@ -53,7 +48,6 @@ macro_rules! out {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-const WRITE_STALL: Duration = Duration::from_secs(10);
 const WARMUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unpaced senders fill about this much per write: large enough to amortise
 /// the syscall, small enough to stay inside one socket buffer.
@@ -203,7 +197,7 @@ async fn run(mode: Mode) -> Result<()> {
     match mode {
         Mode::Throughput { url, load } => {
             check_load(&load)?;
-            let target = Target::Derp(RelayUrl::parse(&url)?);
+            let target = Target::Derp(BenchUrl::parse(&url)?);
             let r = run_load(&target, &load).await?;
             print_throughput_table(&[(r, None)]);
         }
@@ -257,41 +251,38 @@ fn check_load(load: &LoadArgs) -> Result<()> {
 /// Where the load goes: a relay URL, or the baseline forwarder.
 #[derive(Clone)]
 enum Target {
-    Derp(RelayUrl),
+    Derp(BenchUrl),
     Forwarder(SocketAddr),
 }
 
 impl Target {
     fn label(&self) -> String {
         match self {
-            Target::Derp(u) if u.websocket => "derp websocket".into(),
+            Target::Derp(u) if u.url.websocket => "derp websocket".into(),
             Target::Derp(_) => "derp upgrade".into(),
             Target::Forwarder(_) => "tcp forwarder".into(),
         }
     }
 }
 
+/// A relay URL this tool agrees to load: plain http:// or ws:// on IPv4
+/// loopback. The shared client speaks TLS and reaches any host, but numbers
+/// taken across a network or through TLS would measure something else.
 #[derive(Clone)]
-struct RelayUrl {
-    websocket: bool,
-    addr: SocketAddr,
-    authority: String,
-    path: String,
+struct BenchUrl {
+    url: RelayUrl,
     text: String,
 }
 
-impl RelayUrl {
+impl BenchUrl {
     fn parse(text: &str) -> Result<Self> {
-        let uri: http::Uri = text.parse().with_context(|| format!("bad URL {text:?}"))?;
-        let websocket = match uri.scheme_str() {
-            Some("http") => false,
-            Some("ws") => true,
-            other => bail!(
-                "URL {text:?}: scheme {other:?} unsupported, use http:// or ws:// (loopback, no TLS)"
-            ),
-        };
-        let host = uri.host().context("URL has no host")?;
-        let ip: IpAddr = match host {
+        let url = RelayUrl::parse(text)?;
+        ensure!(
+            !url.tls,
+            "URL {text:?}: scheme {:?} unsupported, use http:// or ws:// (loopback, no TLS)",
+            url.scheme()
+        );
+        let ip: IpAddr = match url.host.as_str() {
             "localhost" => Ipv4Addr::LOCALHOST.into(),
             h => h
                 .parse()
@@ -302,18 +293,13 @@ impl RelayUrl {
             ip.is_ipv4() && ip.is_loopback(),
             "URL host {ip} is not IPv4 loopback; this tool only benchmarks locally"
         );
-        let port = uri.port_u16().unwrap_or(80);
-        let path = uri.path_and_query().map_or("/derp", |p| p.as_str());
-        let path = if path == "/" { "/derp" } else { path };
-        Ok(RelayUrl {
-            websocket,
-            addr: SocketAddr::new(ip, port),
-            authority: format!("{host}:{port}"),
-            path: path.to_owned(),
-            text: format!(
-                "{}://{host}:{port}{path}",
-                if websocket { "ws" } else { "http" }
-            ),
+        let url = RelayUrl {
+            host: ip.to_string(),
+            ..url
+        };
+        Ok(BenchUrl {
+            text: url.to_string(),
+            url,
         })
     }
 }
@@ -333,19 +319,12 @@ fn next_source_ip() -> Ipv4Addr {
     )
 }
 
-async fn connect_tcp(dst: SocketAddr) -> Result<TcpStream> {
-    let src = next_source_ip();
-    let what = || format!("connect to {dst} from {src}");
-    let sock = TcpSocket::new_v4().with_context(what)?;
-    sock.bind(SocketAddr::new(src.into(), 0))
-        .with_context(what)?;
-    let stream = timeout(CONNECT_TIMEOUT, sock.connect(dst))
-        .await
-        .map_err(|_| anyhow::anyhow!("timed out"))
-        .with_context(what)?
-        .with_context(what)?;
-    stream.set_nodelay(true).with_context(what)?;
-    Ok(stream)
+fn connect_options() -> ConnectOptions {
+    ConnectOptions {
+        bind: Some(next_source_ip().into()),
+        connect_timeout: CONNECT_TIMEOUT,
+        ..ConnectOptions::default()
+    }
 }
 
 /// One process-wide clock so that send and receive timestamps compare directly.
@@ -355,81 +334,6 @@ fn now_ns() -> u64 {
 }
 
 // ---------------------------------------------------------------- transport
-
-type WsStream = WebSocketStream<TcpStream>;
-
-/// Reads DERP frames from either transport. WebSocket messages are only a
-/// carrier: a frame may span messages, so both variants reassemble in `buf`.
-enum FrameReader {
-    Raw {
-        rd: OwnedReadHalf,
-        buf: BytesMut,
-    },
-    Ws {
-        rd: SplitStream<WsStream>,
-        buf: BytesMut,
-    },
-}
-
-impl FrameReader {
-    /// The next frame, or None at a clean end of stream.
-    async fn next_frame(&mut self) -> Result<Option<RawFrame>> {
-        loop {
-            let (FrameReader::Raw { buf, .. } | FrameReader::Ws { buf, .. }) = self;
-            if let Some(frame) = decode_frame(buf, server_frame_limit)? {
-                return Ok(Some(frame));
-            }
-            if !self.fill().await? {
-                return Ok(None);
-            }
-        }
-    }
-
-    async fn fill(&mut self) -> Result<bool> {
-        match self {
-            FrameReader::Raw { rd, buf } => {
-                buf.reserve(bytes_needed(buf).max(READ_CHUNK));
-                Ok(rd.read_buf(buf).await? > 0)
-            }
-            FrameReader::Ws { rd, buf } => loop {
-                match rd.next().await.transpose()? {
-                    None | Some(Message::Close(_)) => return Ok(false),
-                    Some(Message::Binary(b)) => {
-                        buf.extend_from_slice(&b);
-                        return Ok(true);
-                    }
-                    Some(Message::Text(_)) => bail!("relay sent a WebSocket text message"),
-                    Some(_) => {}
-                }
-            },
-        }
-    }
-}
-
-enum FrameWriter {
-    Raw(OwnedWriteHalf),
-    Ws(SplitSink<WsStream, Message>),
-}
-
-impl FrameWriter {
-    /// Writes everything in `buf` (a batch of frames) as one write or one
-    /// WebSocket message, and leaves `buf` empty for reuse.
-    async fn send(&mut self, buf: &mut BytesMut) -> Result<()> {
-        let write = async {
-            match self {
-                FrameWriter::Raw(w) => {
-                    w.write_all(buf).await?;
-                    buf.clear();
-                }
-                FrameWriter::Ws(w) => w.send(Message::Binary(buf.split().freeze())).await?,
-            }
-            anyhow::Ok(())
-        };
-        timeout(WRITE_STALL, write)
-            .await
-            .map_err(|_| anyhow::anyhow!("write stalled for {WRITE_STALL:?}"))?
-    }
-}
 
 /// A connected, handshaken client (or a forwarder endpoint, which has no handshake).
 struct Endpoint {
@@ -448,7 +352,8 @@ async fn open_endpoint(target: &Target, role: u8, pair_id: u64) -> Result<Endpoi
                 anyhow::anyhow!("DERP connect and handshake with {} timed out", url.text)
             })?,
         Target::Forwarder(addr) => {
-            let mut stream = connect_tcp(*addr).await?;
+            let opts = connect_options();
+            let mut stream = connect_tcp(&addr.ip().to_string(), addr.port(), &opts).await?;
             let mut hello = [role; 9];
             hello[1..].copy_from_slice(&pair_id.to_be_bytes());
             stream.write_all(&hello).await.context("forwarder hello")?;
@@ -456,11 +361,8 @@ async fn open_endpoint(target: &Target, role: u8, pair_id: u64) -> Result<Endpoi
             let mut key = [0u8; KEY_LEN];
             key[..8].copy_from_slice(&pair_id.to_be_bytes());
             Ok(Endpoint {
-                rd: FrameReader::Raw {
-                    rd,
-                    buf: BytesMut::new(),
-                },
-                wr: FrameWriter::Raw(wr),
+                rd: FrameReader::from_tcp(rd),
+                wr: FrameWriter::from_tcp(wr),
                 key: PublicKey(key),
                 rate_limit: None,
             })
@@ -468,93 +370,23 @@ async fn open_endpoint(target: &Target, role: u8, pair_id: u64) -> Result<Endpoi
     }
 }
 
-async fn connect_derp(url: &RelayUrl) -> Result<Endpoint> {
-    let stream = connect_tcp(url.addr).await?;
-    let (mut rd, mut wr) = if url.websocket {
-        let mut req = url.text.as_str().into_client_request()?;
-        req.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            http::HeaderValue::from_static("derp"),
-        );
-        let (ws, _) = client_async(req, stream)
-            .await
-            .with_context(|| format!("WebSocket upgrade at {}", url.text))?;
-        let (w, r) = ws.split();
-        (
-            FrameReader::Ws {
-                rd: r,
-                buf: BytesMut::new(),
-            },
-            FrameWriter::Ws(w),
-        )
+async fn connect_derp(url: &BenchUrl) -> Result<Endpoint> {
+    let what = if url.url.websocket {
+        "WebSocket upgrade"
     } else {
-        http_upgrade(stream, url)
-            .await
-            .with_context(|| format!("HTTP upgrade at {}", url.text))?
+        "HTTP upgrade"
     };
+    let (mut rd, mut wr) = client::open(&url.url, &connect_options())
+        .await
+        .with_context(|| format!("{what} at {}", url.text))?;
     let secret = ClientSecret::generate();
-    let frame = rd
-        .next_frame()
-        .await?
-        .context("relay closed before sending ServerKey")?;
-    let ServerFrame::ServerKey(server) = ServerFrame::parse(frame)? else {
-        bail!("relay's first frame is not ServerKey");
-    };
-    let mut buf = BytesMut::new();
-    encode_client_info(
-        &mut buf,
-        &secret.seal_client_info(&server, br#"{"version":2}"#),
-    );
-    wr.send(&mut buf).await.context("sending ClientInfo")?;
-    let frame = rd
-        .next_frame()
-        .await?
-        .context("relay closed before sending ServerInfo")?;
-    let ServerFrame::ServerInfo(sealed) = ServerFrame::parse(frame)? else {
-        bail!("relay's second frame is not ServerInfo");
-    };
-    let info = secret.open_server_info(&server, &sealed)?;
+    let hs = client::handshake(&mut rd, &mut wr, &secret, br#"{"version":2}"#).await?;
     Ok(Endpoint {
         rd,
         wr,
         key: secret.public(),
-        rate_limit: info
-            .get("tokenBucketBytesPerSecond")
-            .and_then(|v| v.as_u64())
-            .filter(|&r| r > 0),
+        rate_limit: hs.rate_limit(),
     })
-}
-
-async fn http_upgrade(mut stream: TcpStream, url: &RelayUrl) -> Result<(FrameReader, FrameWriter)> {
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
-        url.path, url.authority
-    );
-    stream.write_all(req.as_bytes()).await?;
-    let mut buf = BytesMut::with_capacity(4096);
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        ensure!(
-            buf.len() <= 16 << 10,
-            "HTTP response header longer than 16 KiB"
-        );
-        ensure!(
-            stream.read_buf(&mut buf).await? > 0,
-            "relay closed the connection during the upgrade"
-        );
-    };
-    // Bytes after the header are already DERP frames; keep them.
-    let head = buf.split_to(end);
-    let status = head[..].split(|&b| b == b'\r').next().unwrap_or_default();
-    let status = String::from_utf8_lossy(status);
-    ensure!(
-        status.split_whitespace().nth(1) == Some("101"),
-        "relay answered {status:?}, want 101"
-    );
-    let (rd, wr) = stream.into_split();
-    Ok((FrameReader::Raw { rd, buf }, FrameWriter::Raw(wr)))
 }
 
 // ---------------------------------------------------------------- load run
@@ -963,7 +795,7 @@ async fn compare(urls: &[String], load: &LoadArgs, rounds: usize, latency_rate: 
     check_load(load)?;
     let relays = urls
         .iter()
-        .map(|u| RelayUrl::parse(u).map(Target::Derp))
+        .map(|u| BenchUrl::parse(u).map(Target::Derp))
         .collect::<Result<Vec<_>>>()?;
     // Fail fast on an unreachable relay, before minutes of forwarder rounds.
     for t in &relays {
@@ -1075,7 +907,7 @@ async fn compare(urls: &[String], load: &LoadArgs, rounds: usize, latency_rate: 
 // ---------------------------------------------------------------- idle
 
 async fn idle(url: &str, clients: usize, pid: u32, concurrency: usize) -> Result<()> {
-    let url = RelayUrl::parse(url)?;
+    let url = BenchUrl::parse(url)?;
     raise_nofile_limit(clients as u64 + 256);
     let target = Target::Derp(url);
     let before = rss_kib(pid)?;

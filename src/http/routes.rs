@@ -12,6 +12,7 @@ use warp::reply::Response;
 use super::PeerAddr;
 use super::upgrade;
 use crate::relay::Shared;
+use subtle::ConstantTimeEq;
 
 pub fn routes(
     shared: Arc<Shared>,
@@ -40,6 +41,7 @@ pub fn routes(
     let healthz = warp::path("healthz")
         .and(warp::path::end())
         .and(with_shared.clone())
+        .and(warp::header::optional::<String>("authorization"))
         .map(healthz);
     let index = warp::path::end().map(index);
     derp.or(probe)
@@ -103,12 +105,70 @@ fn valid_challenge(c: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b))
 }
 
-fn healthz(shared: Arc<Shared>) -> Response {
-    if shared.is_draining() {
-        text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+/// `/healthz`: `ok` (or `draining`, 503) for anyone; the detailed JSON only
+/// with `Authorization: Bearer <metrics_token>`, compared in constant time.
+fn healthz(shared: Arc<Shared>, auth: Option<String>) -> Response {
+    let (status, word) = if shared.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
     } else {
-        text(StatusCode::OK, "ok\n")
+        (StatusCode::OK, "ok")
+    };
+    let (Some(token), Some(auth)) = (shared.config.metrics_token.as_deref(), auth) else {
+        return text(
+            status,
+            if status == StatusCode::OK {
+                "ok\n"
+            } else {
+                "draining\n"
+            },
+        );
+    };
+    let presented = auth.strip_prefix("Bearer ").unwrap_or("").trim().as_bytes();
+    if !bool::from(presented.ct_eq(token.as_bytes())) {
+        return text(StatusCode::UNAUTHORIZED, "unauthorized\n");
     }
+    let m = &shared.metrics;
+    let acl = shared.acl().map(|a| {
+        let st = shared.acl_status();
+        serde_json::json!({
+            "keys": a.len(),
+            "last_reload": st.last_reload.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            "last_error": st.last_error,
+        })
+    });
+    let tofu_bindings = shared
+        .bindings
+        .lock()
+        .map(|b| b.len())
+        .unwrap_or_else(|p| p.into_inner().len());
+    let body = serde_json::json!({
+        "status": word,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "clients": shared.clients.len(),
+        "max_clients": shared.config.max_clients,
+        "packets_routed": m.packets_routed.get(),
+        "packets_dropped": m.total_dropped(),
+        "bytes_received": m.bytes_received.get(),
+        "bytes_sent": m.bytes_sent.get(),
+        "rss_bytes": rss_bytes(),
+        "acl": acl,
+        "tofu_bindings": tofu_bindings,
+    });
+    let mut r = Response::new(format!("{body}\n").into());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Resident memory of this process, from /proc (Linux).
+pub fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
 }
 
 fn index() -> Response {

@@ -167,6 +167,13 @@ pub struct ClientSecret {
     public: PublicKey,
 }
 
+impl std::fmt::Debug for ClientSecret {
+    // Never print the private half.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClientSecret{{public: {}}}", self.public)
+    }
+}
+
 impl ClientSecret {
     pub fn generate() -> Self {
         Self::from_bytes(SecretKey::generate(&mut OsRng).to_bytes())
