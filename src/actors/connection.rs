@@ -411,11 +411,19 @@ async fn read_frames(
         m.packets_routed.inc_by(routed);
         m.bytes_received.inc_by(received);
         (routed, received) = (0, 0);
-        if buf.is_empty() && buf.capacity() > 4 * hint {
-            *buf = BytesMut::new(); // give a burst's buffer back once it is drained
+        let idle = buf.is_empty() && hint == MIN_READ;
+        if buf.is_empty() && (idle || buf.capacity() > 4 * hint) {
+            // Nothing pending: hold no buffer while waiting. Most clients are
+            // idle most of the time, and this is most of what one costs.
+            *buf = BytesMut::new();
         }
         let want = frame::bytes_needed(buf).max(hint);
-        match rd.read_some(buf, want).await {
+        let read = if idle {
+            rd.read_first(buf).await
+        } else {
+            rd.read_some(buf, want).await
+        };
+        match read {
             Ok(0) => return "eof",
             Ok(n) => {
                 if n >= want {

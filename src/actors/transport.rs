@@ -46,6 +46,23 @@ pub fn websocket(ws: Ws) -> (ConnReader, ConnWriter) {
 }
 
 impl ConnReader {
+    /// Waits for the next bytes without reserving a buffer first: the first
+    /// byte goes through a one-byte stack buffer, and the next read (made at
+    /// once) collects the rest. Costs an extra read syscall only when an idle
+    /// connection wakes up.
+    pub async fn read_first(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            ConnReader::Derp(r) => {
+                let mut first = [0u8; 1];
+                let n = r.read(&mut first).await?;
+                buf.extend_from_slice(&first[..n]);
+                Ok(n)
+            }
+            // WebSocket messages arrive in tungstenite's own buffer anyway.
+            ConnReader::Ws(_) => self.read_some(buf, 0).await,
+        }
+    }
+
     /// Appends whatever arrives next to `buf` (after reserving `hint` bytes for a
     /// raw stream). Returns 0 at end of stream.
     pub async fn read_some(&mut self, buf: &mut BytesMut, hint: usize) -> io::Result<usize> {
