@@ -34,14 +34,17 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin derp-relay \
  && install -D -m 0755 target/release/derp-relay /out/derp-relay \
- && install -d -m 0750 /out/data
+ && install -d -m 0750 /out/state/derp-relay
 
 # Fly.io mounts volumes owned by root, and a distroless image has no shell to
 # chown one at start, so the Fly deployment builds this root variant
 # (fly.toml: build-target = "fly"). There the Firecracker VM is the boundary.
-FROM gcr.io/distroless/cc-debian12 AS fly
+# distroless calls its root variant "latest"; like ":nonroot" below it follows
+# Debian 12 security updates. Pin both by digest for reproducible images.
+# hadolint ignore=DL3007
+FROM gcr.io/distroless/cc-debian12:latest AS fly
 COPY --from=builder /out/derp-relay /usr/local/bin/derp-relay
-COPY --from=builder /out/data /var/lib/derp-relay
+COPY --from=builder /out/state/ /var/lib/
 EXPOSE 8443
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/derp-relay"]
@@ -54,7 +57,9 @@ COPY --from=builder /out/derp-relay /usr/local/bin/derp-relay
 # A new named volume starts as a copy of this directory, ownership included,
 # so the relay can write its key and bindings without any chown step. A bind
 # mount instead must be writable by uid 65532 (chown 65532:65532 DIR).
-COPY --from=builder --chown=65532:65532 /out/data /var/lib/derp-relay
+# The directory is copied as an entry of /out/state/ so that --chown applies
+# to it (and not to /var/lib, which already exists).
+COPY --from=builder --chown=65532:65532 /out/state/ /var/lib/
 USER 65532:65532
 VOLUME ["/var/lib/derp-relay"]
 EXPOSE 8443

@@ -585,6 +585,13 @@ fn ws_io_error(e: tokio_tungstenite::tungstenite::Error) -> ClientError {
             io::ErrorKind::ConnectionAborted,
             "WebSocket closed",
         )),
+        // A relay refusing a key just drops the connection, with no close frame.
+        E::Protocol(
+            tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => ClientError::Io(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "connection closed without a WebSocket close frame",
+        )),
         other => ClientError::WebSocket(other.to_string()),
     }
 }

@@ -18,8 +18,8 @@ use derp_relay::config::{Config, Flags, LogFormat};
     about = "A self-hosted DERP relay for Tailscale-compatible clients",
     long_about = "A self-hosted DERP relay for Tailscale-compatible clients.\n\n\
         Without a subcommand, runs the relay with the flags below \
-        (e.g. `derp-relay --open-relay`). Every flag is also an environment \
-        variable DERP_RELAY_<NAME> and a key in the --config file.",
+        (e.g. `derp-relay --open-relay`). Every flag but --config is also an \
+        environment variable DERP_RELAY_<NAME> and a key in the --config file.",
     // Relay flags and a subcommand never mix: `derp-relay --open-relay probe`
     // is a mistake to report, not a relay to start.
     args_conflicts_with_subcommands = true

@@ -150,6 +150,11 @@ impl Shared {
         self.root.get().cloned()
     }
 
+    /// Milliseconds since the relay started, plus one so it is never 0.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
     pub fn next_conn_id(&self) -> u64 {
         self.conn_ids.fetch_add(1, Ordering::Relaxed)
     }

@@ -294,3 +294,46 @@ async fn slow_headers_are_cut_off() {
     let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
     assert!(r.is_ok(), "connection closed by the header timeout");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_at_the_write_timeout_and_stalls_no_one() {
+    let relay = start_relay(|c| c.write_timeout = Duration::from_millis(500)).await;
+    let stuck = RawClient::connect(relay.addr, Via::Derp).await; // never reads again
+    let (ka, kb) = (NodeKeyPair::random(), NodeKeyPair::random());
+    let a = ts_client(relay.addr, Via::Ws, &ka).await;
+    let b = ts_client(relay.addr, Via::Derp, &kb).await;
+    let stuck_key = ts_keys::NodePublicKey::from_bytes(stuck.key().0);
+    let big = vec![1u8; 60_000];
+    let shared = relay.relay().shared.clone();
+    // Flood until the stuck client's socket buffers are full and it is cut.
+    let deadline = std::time::Instant::now() + WAIT;
+    while shared.clients.is_connected(&stuck.key()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stuck client never cut"
+        );
+        for _ in 0..20 {
+            a.send_one(stuck_key, &big).await.unwrap();
+        }
+        // The sender is never held up by the stuck receiver.
+        a.send_one(kb.public, b"still flowing").await.unwrap();
+        assert_eq!(recv_ts(&b).await.1, b"still flowing");
+    }
+    assert_eq!(
+        relay
+            .relay()
+            .metrics()
+            .disconnects
+            .with_label_values(&["write_timeout"])
+            .get(),
+        1
+    );
+    assert!(
+        relay
+            .relay()
+            .metrics()
+            .dropped(derp_relay::metrics::DropReason::WriteError)
+            .get()
+            > 0
+    );
+}

@@ -459,12 +459,14 @@ async fn write_frames(
     h: &ClientHandle,
     shared: &Shared,
 ) -> &'static str {
+    // Write deadlines are enforced by the registry's shared sweeper, which
+    // closes a connection whose write has been in progress too long (see
+    // `ClientHandle::begin_write`); no timer per write or per connection.
     let m = &shared.metrics;
-    let timeout = shared.config.write_timeout;
-    if tokio::time::timeout(timeout, wr.write_batch(out, false))
-        .await
-        .map_or(true, |r| r.is_err())
-    {
+    h.begin_write(shared.now_ms(), 0);
+    let first = wr.write_batch(out, false).await;
+    h.end_write();
+    if first.is_err() {
         return "write_error";
     }
     let mut batch = Batch::default();
@@ -489,10 +491,12 @@ async fn write_frames(
             drop::<Bytes>(data);
         }
         if !out.is_empty() {
-            let res = tokio::time::timeout(timeout, wr.write_batch(out, ping)).await;
-            if !matches!(res, Ok(Ok(()))) {
+            h.begin_write(shared.now_ms(), packets);
+            let res = wr.write_batch(out, ping).await;
+            h.end_write();
+            if let Err(e) = res {
                 m.dropped(DropReason::WriteError).inc_by(packets);
-                tracing::debug!(target: "derp_relay::core", key = %h.key, timed_out = res.is_err(), "write failed");
+                tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "write failed");
                 return "write_error";
             }
             m.bytes_sent.inc_by(bytes);
@@ -502,7 +506,9 @@ async fn write_frames(
             }
         }
         if batch.going_away {
-            let _ = tokio::time::timeout(timeout, wr.goodbye(RECONNECT_IN_MS, TRY_FOR_MS)).await;
+            h.begin_write(shared.now_ms(), 0);
+            let _ = wr.goodbye(RECONNECT_IN_MS, TRY_FOR_MS).await;
+            h.end_write();
             return "going_away";
         }
     }

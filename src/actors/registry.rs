@@ -11,8 +11,9 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -41,6 +42,10 @@ pub struct ClientHandle {
     active: AtomicBool,
     activity_requested: AtomicBool,
     preferred: AtomicBool,
+    /// When the write in progress began (relay-relative ms), 0 when none is.
+    write_started_ms: AtomicU64,
+    /// Packets in the write in progress, counted as dropped if it never ends.
+    write_packets: AtomicU64,
     /// Keys (and their connection) this client delivered packets to, told
     /// PeerGone when this client leaves.
     sent_to: Mutex<HashMap<PublicKey, u64>>,
@@ -65,7 +70,27 @@ impl ClientHandle {
             active: AtomicBool::new(false),
             activity_requested: AtomicBool::new(false),
             preferred: AtomicBool::new(false),
+            write_started_ms: AtomicU64::new(0),
+            write_packets: AtomicU64::new(0),
             sent_to: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Marks a socket write as started at `now_ms` (never 0) with `packets` in it.
+    pub fn begin_write(&self, now_ms: u64, packets: u64) {
+        self.write_packets.store(packets, Ordering::Relaxed);
+        self.write_started_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    pub fn end_write(&self) {
+        self.write_started_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// How long the write in progress has been blocked, if one is.
+    fn write_blocked_for(&self, now_ms: u64) -> Option<u64> {
+        match self.write_started_ms.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(now_ms.saturating_sub(t)),
         }
     }
 
@@ -247,6 +272,9 @@ pub enum RegistryMsg {
     Evict(Vec<PublicKey>, &'static str),
     /// Time to send every client a KeepAlive.
     KeepAliveTick,
+    /// Time to close clients whose socket write has been blocked past the
+    /// write timeout (clients that stopped reading).
+    WriteDeadlineTick,
     /// The relay is stopping: tell every connection to go elsewhere. Replies
     /// with how many were told.
     GoingAway(RpcReplyPort<usize>),
@@ -281,6 +309,9 @@ impl Actor for RegistryActor {
         myself.send_interval(args.shared.config.ping_interval, || {
             RegistryMsg::KeepAliveTick
         });
+        let sweep = (args.shared.config.write_timeout / 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+        myself.send_interval(sweep, || RegistryMsg::WriteDeadlineTick);
         // After a restart the table is intact (it is shared, not ours), but
         // connections that ended while we were down may have missed deregistering.
         let mut stale = Vec::new();
@@ -334,6 +365,19 @@ impl Actor for RegistryActor {
                         }
                     }
                 }
+            }
+            RegistryMsg::WriteDeadlineTick => {
+                let now = st.shared.now_ms();
+                let limit = st.shared.config.write_timeout.as_millis() as u64;
+                st.clients.for_each(|h| {
+                    if h.write_blocked_for(now).is_some_and(|t| t > limit) {
+                        h.end_write(); // close once, not every tick
+                        let lost = h.write_packets.swap(0, Ordering::Relaxed);
+                        st.metrics.dropped(DropReason::WriteError).inc_by(lost);
+                        tracing::debug!(target: "derp_relay::core", key = %h.key, "write timed out; client is not reading");
+                        let _ = h.actor.cast(ConnMsg::Close("write_timeout"));
+                    }
+                });
             }
             RegistryMsg::KeepAliveTick => st.clients.for_each(|h| {
                 h.queue.push_control(Control::KeepAlive);

@@ -34,15 +34,10 @@ pub enum Command {
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
-    /// Bindings file [default: <data-dir>/tofu-bindings.json].
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "DERP_RELAY_BINDINGS_FILE",
-        conflicts_with = "data_dir"
-    )]
+    /// Bindings file; wins over --data-dir, as it does for the relay.
+    #[arg(long, value_name = "PATH", env = "DERP_RELAY_BINDINGS_FILE")]
     bindings_file: Option<PathBuf>,
-    /// The relay's data directory.
+    /// The relay's data directory (the bindings file is <DIR>/tofu-bindings.json).
     #[arg(
         long,
         value_name = "DIR",
