@@ -192,7 +192,25 @@ pub const ENV_PREFIX: &str = "DERP_RELAY_";
 impl Config {
     /// Merges defaults, the config file, the environment and `flags`, then validates.
     pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+        let known = Self::keys();
+        for (name, _) in std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v))) {
+            if let Some(key) = name.strip_prefix(ENV_PREFIX)
+                && !known.contains(&key.to_ascii_lowercase())
+            {
+                // Not an error: Kubernetes injects DERP_RELAY_SERVICE_HOST,
+                // DERP_RELAY_PORT, ... for a Service named derp-relay.
+                eprintln!("derp-relay: ignoring environment variable {name}: not a setting");
+            }
+        }
         Self::load_from(flags, Env::prefixed(ENV_PREFIX))
+    }
+
+    /// Every setting's name, as in the config file.
+    pub fn keys() -> Vec<String> {
+        match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn load_from(flags: &Flags, env: Env) -> Result<Config, ConfigError> {
@@ -215,7 +233,7 @@ impl Config {
             fig = fig.merge(Toml::file(path));
         }
         fig = fig
-            .merge(env.ignore(&["CONFIG"]))
+            .merge(env.only(&Self::keys().iter().map(String::as_str).collect::<Vec<_>>()))
             .merge(Serialized::defaults(flags));
         let config: Config = fig
             .extract()
@@ -475,6 +493,15 @@ mod tests {
         };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.starts_with("addr:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_env_vars_are_ignored() {
+        // SAFETY: only this test uses this prefix.
+        unsafe { std::env::set_var("DERP_RELAY_ENVTEST_SERVICE_HOST", "10.0.0.1") };
+        unsafe { std::env::set_var("DERP_RELAY_ENVTEST_PORT", "tcp://10.0.0.1:8443") };
+        let c = Config::load_from(&open(), Env::prefixed("DERP_RELAY_ENVTEST_")).unwrap();
+        assert_eq!(c.addr, ":8443");
     }
 
     #[test]
