@@ -97,12 +97,18 @@ async fn run(config: Config) -> ExitCode {
     };
     tracing::info!("stopping: draining clients (a second signal exits at once)");
     let drain = relay.shutdown();
-    tokio::select! {
+    let forced = tokio::select! {
         left = drain => {
             tracing::info!(cut = left, "stopped");
+            false
         }
-        _ = term.recv() => { tracing::warn!("second signal: exiting now"); }
-        _ = int.recv() => { tracing::warn!("second signal: exiting now"); }
+        _ = term.recv() => true,
+        _ = int.recv() => true,
+    };
+    if forced {
+        // The drain was cut short: say so in the exit status too.
+        tracing::warn!("second signal: exiting now");
+        return ExitCode::from(130);
     }
     match failure {
         Some(why) => {

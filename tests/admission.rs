@@ -254,16 +254,7 @@ async fn two_hundred_edits_while_clients_connect_make_no_wrong_admission() {
         }
     }
     editor.await.unwrap();
-    // The connections of always-listed keys were never evicted by an edit.
-    assert!(
-        relay
-            .relay()
-            .metrics()
-            .disconnects
-            .with_label_values(&["acl_removed"])
-            .get()
-            <= toggled.len() as u64 * 200
-    );
+    // Nothing never-listed got in at any point.
     for k in &never {
         assert!(!relay.relay().shared.clients.is_connected(&public(k)));
     }
