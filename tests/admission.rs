@@ -267,16 +267,7 @@ async fn an_acl_or_tofu_crash_is_restarted_and_admission_keeps_working() {
     let (relay, path) = acl_relay(dir.path(), &[&a]).await;
     let shared = relay.relay().shared.clone();
 
-    let first = shared.acl_actor().unwrap().get_id();
-    shared
-        .acl_actor()
-        .unwrap()
-        .cast(AclMsg::CrashForTest)
-        .unwrap();
-    eventually("ACL restarted", || {
-        shared.acl_actor().map(|r| r.get_id()) != Some(first)
-    })
-    .await;
+    crash_and_await_restart("ACL restarted", || shared.acl_actor(), AclMsg::CrashForTest).await;
     assert!(admitted(&relay, &a).await);
     write_keys(&path, &[&a, &b]);
     acl_says(&relay, &b, true).await;
@@ -285,12 +276,7 @@ async fn an_acl_or_tofu_crash_is_restarted_and_admission_keeps_working() {
         "the restarted ACL actor still watches the file"
     );
 
-    let first = shared.tofu().unwrap().get_id();
-    shared.tofu().unwrap().cast(TofuMsg::CrashForTest).unwrap();
-    eventually("TOFU restarted", || {
-        shared.tofu().map(|r| r.get_id()) != Some(first)
-    })
-    .await;
+    crash_and_await_restart("TOFU restarted", || shared.tofu(), TofuMsg::CrashForTest).await;
     assert!(admitted(&relay, &a).await);
     let bindings = shared.config.bindings_path();
     eventually("bindings written", || {

@@ -49,15 +49,11 @@ async fn a_registry_crash_is_restarted_without_dropping_clients() {
     let a = ts_client(relay.addr, Via::Ws, &ka).await;
     let b = ts_client(relay.addr, Via::Derp, &kb).await;
     let shared = relay.relay().shared.clone();
-    let first = shared.registry().unwrap().get_id();
-    shared
-        .registry()
-        .unwrap()
-        .cast(RegistryMsg::CrashForTest)
-        .unwrap();
-    eventually("registry restarted", || {
-        shared.registry().map(|r| r.get_id()) != Some(first)
-    })
+    crash_and_await_restart(
+        "registry restarted",
+        || shared.registry(),
+        RegistryMsg::CrashForTest,
+    )
     .await;
     assert_eq!(
         relay

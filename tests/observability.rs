@@ -109,15 +109,11 @@ async fn metrics_move_with_traffic_and_live_only_on_loopback() {
 
     // The metrics actor survives a crash and serves again.
     let shared = relay.relay().shared.clone();
-    let first = shared.metrics_actor().unwrap().get_id();
-    shared
-        .metrics_actor()
-        .unwrap()
-        .cast(MetricsMsg::CrashForTest)
-        .unwrap();
-    eventually("metrics restarted", || {
-        shared.metrics_actor().map(|r| r.get_id()) != Some(first)
-    })
+    crash_and_await_restart(
+        "metrics restarted",
+        || shared.metrics_actor(),
+        MetricsMsg::CrashForTest,
+    )
     .await;
     let mut ok = false;
     for _ in 0..200 {

@@ -415,3 +415,16 @@ pub fn write_keys(path: &std::path::Path, keys: &[&NodeKeyPair]) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// Crashes a long-lived actor through its test hook and waits until the
+/// supervisor has started a new one.
+pub async fn crash_and_await_restart<M: ractor::Message>(
+    what: &str,
+    current: impl Fn() -> Option<ractor::ActorRef<M>>,
+    crash: M,
+) {
+    let first = current().expect("actor running");
+    first.cast(crash).expect("crash message delivered");
+    let first = first.get_id();
+    eventually(what, || current().is_some_and(|r| r.get_id() != first)).await;
+}
