@@ -10,7 +10,6 @@ use common::*;
 use derp_relay::actors::acl::AclMsg;
 use derp_relay::actors::tofu::{Bindings, TofuMsg};
 use derp_relay::metrics::RefuseReason;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ts_keys::NodeKeyPair;
 
 async fn acl_relay(dir: &Path, keys: &[&NodeKeyPair]) -> (TestRelay, PathBuf) {
@@ -421,18 +420,8 @@ fn read_listen_addr(stderr: std::process::ChildStderr) -> std::net::SocketAddr {
 }
 
 async fn raw_http(addr: std::net::SocketAddr, src: std::net::IpAddr, extra: &str) -> String {
-    let mut s = tcp_from(src, addr).await.unwrap();
-    s.write_all(
-        format!("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
+    let req = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n");
+    http_exchange(addr, src, &req).await
 }
 
 #[tokio::test]

@@ -167,14 +167,7 @@ async fn silent_client_is_closed_at_the_handshake_deadline_and_frees_its_slot() 
 }
 
 async fn http_get(addr: std::net::SocketAddr, req: &str) -> String {
-    let mut s = tcp_from(next_source_ip(), addr).await.unwrap();
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
+    http_exchange(addr, next_source_ip(), req).await
 }
 
 /// Reads only the response head (an upgraded connection stays open).

@@ -20,18 +20,8 @@ fn free_port() -> u16 {
 }
 
 async fn get(addr: std::net::SocketAddr, path: &str, extra: &str) -> (u16, String) {
-    let mut s = tcp_from(next_source_ip(), addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n");
+    let text = http_exchange(addr, next_source_ip(), &req).await;
     let status = text[9..12].parse().unwrap();
     let body = text
         .split_once("\r\n\r\n")

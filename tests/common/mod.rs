@@ -428,3 +428,16 @@ pub async fn crash_and_await_restart<M: ractor::Message>(
     let first = first.get_id();
     eventually(what, || current().is_some_and(|r| r.get_id() != first)).await;
 }
+
+/// Sends one raw HTTP/1.1 request from `src` and reads the whole response
+/// (the request should say `Connection: close`).
+pub async fn http_exchange(addr: SocketAddr, src: IpAddr, request: &str) -> String {
+    let mut s = tcp_from(src, addr).await.expect("connect");
+    s.write_all(request.as_bytes()).await.expect("send request");
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("response in time")
+        .expect("read response");
+    String::from_utf8_lossy(&out).into_owned()
+}
