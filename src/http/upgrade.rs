@@ -35,6 +35,12 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 /// WebSocket settings: small buffers (an idle client must cost a few KiB) and a
 /// message limit that fits the largest frame, ClientInfo, with room to spare.
+///
+/// The read buffer is the WebSocket throughput/memory trade-off: tungstenite
+/// allocates it per connection and zero-fills it before every read, so 16 KiB
+/// triples bulk WebSocket throughput (measured 220 k -> 645 k pkt/s) but costs
+/// about 16 KiB more per idle client. Idle memory wins: bulk traffic from
+/// Tailscale clients uses `Upgrade: DERP`.
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(256)
