@@ -387,38 +387,6 @@ fn kill_9_during_a_burst_of_binding_writes_leaves_a_parsable_file() {
     }
 }
 
-/// Kills the relay if the test fails before it does.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Reads the relay's log until it says where it listens.
-fn read_listen_addr(stderr: std::process::ChildStderr) -> std::net::SocketAddr {
-    use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in lines.by_ref().map_while(Result::ok) {
-            if !sent && let Some(i) = line.find("addr=") {
-                let rest = &line[i + 5..];
-                let end = rest.find(' ').unwrap_or(rest.len());
-                if let Ok(a) = rest[..end].parse() {
-                    let _ = tx.send(a);
-                    sent = true;
-                }
-            }
-        }
-    });
-    rx.recv_timeout(WAIT)
-        .expect("relay printed its listen address")
-}
-
 async fn raw_http(addr: std::net::SocketAddr, src: std::net::IpAddr, extra: &str) -> String {
     let req = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n");
     http_exchange(addr, src, &req).await

@@ -326,3 +326,81 @@ async fn a_client_that_stops_reading_is_cut_at_the_write_timeout_and_stalls_no_o
             > 0
     );
 }
+
+/// Starts the real binary on an ephemeral port.
+fn spawn_relay(data: &std::path::Path, extra: &[&str]) -> (KillOnDrop, std::net::SocketAddr) {
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_derp-relay"))
+            .args(["--open-relay", "--addr", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("relay binary starts"),
+    );
+    let addr = read_listen_addr(child.0.stderr.take().expect("stderr piped"));
+    (child, addr)
+}
+
+fn signal(child: &KillOnDrop, sig: i32) {
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, sig) }, 0);
+}
+
+async fn wait_exit(child: &mut KillOnDrop, within: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(st) = child.0.try_wait().expect("wait") {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relay did not exit within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, addr) = spawn_relay(dir.path(), &[]);
+    let mut c = RawClient::connect(addr, Via::Derp).await;
+    signal(&relay, libc::SIGTERM);
+    assert!(matches!(
+        c.recv_skip_keepalive().await,
+        Some(ServerFrame::Restarting { .. })
+    ));
+    let st = wait_exit(&mut relay, Duration::from_secs(10)).await;
+    assert_eq!(st.code(), Some(0));
+    let b =
+        derp_relay::actors::tofu::Bindings::load(&dir.path().join("tofu-bindings.json")).unwrap();
+    assert!(b.contains(&c.key()), "binding flushed on the way out");
+}
+
+#[tokio::test]
+async fn a_second_signal_cuts_the_drain_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut relay, addr) = spawn_relay(
+        dir.path(),
+        &["--write-timeout", "60s", "--shutdown-timeout", "60s"],
+    );
+    // A client that stops reading while flooded keeps the drain from finishing.
+    let stuck = RawClient::connect(addr, Via::Derp).await;
+    let mut flooder = RawClient::connect(addr, Via::Derp).await;
+    let big = vec![3u8; 60_000];
+    for _ in 0..100 {
+        flooder.send_packet(&stuck.key(), &big).await;
+    }
+    signal(&relay, libc::SIGTERM);
+    // The flooder reads and is told; the stuck one holds the drain open.
+    assert!(matches!(
+        flooder.recv_skip_keepalive().await,
+        Some(ServerFrame::Restarting { .. })
+    ));
+    assert!(relay.0.try_wait().unwrap().is_none(), "still draining");
+    signal(&relay, libc::SIGTERM);
+    let st = wait_exit(&mut relay, Duration::from_secs(5)).await;
+    assert_eq!(st.code(), Some(130));
+}

@@ -441,3 +441,35 @@ pub async fn http_exchange(addr: SocketAddr, src: IpAddr, request: &str) -> Stri
         .expect("read response");
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Kills the relay if the test fails before it does.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads the relay's log until it says where it listens.
+pub fn read_listen_addr(stderr: std::process::ChildStderr) -> std::net::SocketAddr {
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in lines.by_ref().map_while(Result::ok) {
+            if !sent && let Some(i) = line.find("addr=") {
+                let rest = &line[i + 5..];
+                let end = rest.find(' ').unwrap_or(rest.len());
+                if let Ok(a) = rest[..end].parse() {
+                    let _ = tx.send(a);
+                    sent = true;
+                }
+            }
+        }
+    });
+    rx.recv_timeout(WAIT)
+        .expect("relay printed its listen address")
+}
