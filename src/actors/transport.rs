@@ -21,7 +21,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use crate::protocol::frame;
 
 pub type RawIo = TokioIo<Upgraded>;
-type Ws = WebSocketStream<RawIo>;
+pub type WsIo = super::read_ahead::ReadAhead<RawIo>;
+type Ws = WebSocketStream<WsIo>;
 
 pub enum ConnReader {
     Derp(ReadHalf<RawIo>),

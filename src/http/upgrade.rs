@@ -36,11 +36,9 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 /// WebSocket settings: small buffers (an idle client must cost a few KiB) and a
 /// message limit that fits the largest frame, ClientInfo, with room to spare.
 ///
-/// The read buffer is the WebSocket throughput/memory trade-off: tungstenite
-/// allocates it per connection and zero-fills it before every read, so 16 KiB
-/// triples bulk WebSocket throughput (measured 220 k -> 645 k pkt/s) but costs
-/// about 16 KiB more per idle client. Idle memory wins: bulk traffic from
-/// Tailscale clients uses `Upgrade: DERP`.
+/// tungstenite's own read buffer stays tiny (it is allocated per connection
+/// and zero-filled before every read); busy connections get a read-ahead
+/// buffer underneath instead (`ReadAhead`), which idle ones do not pay for.
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(256)
@@ -152,6 +150,7 @@ async fn run_upgraded(
     let (reader, writer) = match transport {
         Transport::Derp => transport::derp(io),
         Transport::WebSocket => {
+            let io = crate::actors::read_ahead::ReadAhead::new(io);
             let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
             transport::websocket(ws)
         }
