@@ -51,6 +51,10 @@ async fn only_listed_keys_are_admitted() {
         );
     }
     assert_eq!(relay.relay().metrics().refused_count(RefuseReason::Acl), 2);
+
+    // A refused WebSocket client is told why, with close code 1008.
+    let mut ws = ws_connect_handshaken(relay.addr).await;
+    assert_eq!(ws.close_code().await, Some(1008));
 }
 
 #[tokio::test]

@@ -84,19 +84,7 @@ async fn a_registry_crash_is_restarted_without_dropping_clients() {
 async fn graceful_stop_tells_every_client_to_go_away() {
     let mut relay = start_relay(|_| {}).await;
     let mut derp = RawClient::connect(relay.addr, Via::Derp).await;
-    let mut ws = ws_connect(relay.addr).await.unwrap();
-    // Complete a WebSocket handshake by hand so we can watch for the close code.
-    let secret = derp_relay::protocol::handshake::ClientSecret::generate();
-    let mut hdr = [0u8; 45];
-    ws.read_exact(&mut hdr).await.unwrap();
-    let server = derp_relay::protocol::PublicKey(hdr[13..45].try_into().unwrap());
-    let mut out = bytes::BytesMut::new();
-    derp_relay::protocol::frame::encode_client_info(
-        &mut out,
-        &secret.seal_client_info(&server, b"{}"),
-    );
-    ws.write_all(&out).await.unwrap();
-    ws.flush().await.unwrap();
+    let mut ws = ws_connect_handshaken(relay.addr).await; // watched for its close code
     eventually("both registered", || {
         relay.relay().shared.clients.len() == 2
     })

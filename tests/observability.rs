@@ -222,23 +222,6 @@ async fn drain_with_a_thousand_clients_tells_everyone_and_meets_the_deadline() {
     assert_eq!(b.len(), N + 4, "bindings flushed on the way out");
 }
 
-/// A WebSocket client that has completed the DERP handshake and then reads nothing.
-async fn ws_connect_handshaken(addr: std::net::SocketAddr) -> WsIo {
-    let mut ws = ws_connect(addr).await.unwrap();
-    let mut hdr = [0u8; 45];
-    ws.read_exact(&mut hdr).await.unwrap();
-    let server = derp_relay::protocol::PublicKey(hdr[13..45].try_into().unwrap());
-    let secret = derp_relay::protocol::handshake::ClientSecret::generate();
-    let mut out = bytes::BytesMut::new();
-    derp_relay::protocol::frame::encode_client_info(
-        &mut out,
-        &secret.seal_client_info(&server, b"{}"),
-    );
-    ws.write_all(&out).await.unwrap();
-    ws.flush().await.unwrap();
-    ws
-}
-
 #[tokio::test]
 async fn healthz_says_draining_on_a_kept_alive_connection() {
     let mut relay = start_relay(|c| c.shutdown_timeout = Duration::from_secs(3)).await;

@@ -209,7 +209,7 @@ impl Actor for ConnectionActor {
     async fn pre_start(
         &self,
         myself: ActorRef<ConnMsg>,
-        a: ConnArgs,
+        mut a: ConnArgs,
     ) -> Result<ConnState, ActorProcessingErr> {
         let shared = a.shared;
         let handle = Arc::new(ClientHandle::new(
@@ -226,6 +226,7 @@ impl Actor for ConnectionActor {
         {
             shared.metrics.refused(reason);
             tracing::info!(target: "derp_relay::admission", key = %a.key, remote = %a.remote, reason = reason.as_str(), "client refused");
+            a.writer.refuse(reason.as_str()).await;
             return Err(reason.as_str().into());
         }
         tracing::debug!(

@@ -146,6 +146,23 @@ impl ConnWriter {
         }
     }
 
+    /// Closes a connection whose key was not admitted: WebSocket clients get
+    /// close code 1008 (policy violation) with the reason; DERP has no frame
+    /// for it, so the stream just ends before ServerInfo (as upstream does).
+    pub async fn refuse(&mut self, reason: &str) {
+        match self {
+            ConnWriter::Derp(_) => self.close().await,
+            ConnWriter::Ws(w) => {
+                let close = CloseFrame {
+                    code: CloseCode::Policy,
+                    reason: format!("not admitted: {reason}").into(),
+                };
+                let _ = w.send(Message::Close(Some(close))).await;
+                let _ = w.close().await;
+            }
+        }
+    }
+
     /// Best-effort close after an error.
     pub async fn close(&mut self) {
         let _ = match self {

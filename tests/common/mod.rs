@@ -473,3 +473,20 @@ pub fn read_listen_addr(stderr: std::process::ChildStderr) -> std::net::SocketAd
     rx.recv_timeout(WAIT)
         .expect("relay printed its listen address")
 }
+
+/// A WebSocket client that has completed the DERP handshake and then reads nothing.
+pub async fn ws_connect_handshaken(addr: SocketAddr) -> WsIo {
+    let mut ws = ws_connect(addr).await.unwrap();
+    let mut hdr = [0u8; 45];
+    ws.read_exact(&mut hdr).await.unwrap();
+    let server = derp_relay::protocol::PublicKey(hdr[13..45].try_into().unwrap());
+    let secret = derp_relay::protocol::handshake::ClientSecret::generate();
+    let mut out = bytes::BytesMut::new();
+    derp_relay::protocol::frame::encode_client_info(
+        &mut out,
+        &secret.seal_client_info(&server, b"{}"),
+    );
+    ws.write_all(&out).await.unwrap();
+    ws.flush().await.unwrap();
+    ws
+}
