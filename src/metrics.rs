@@ -22,15 +22,18 @@ pub enum DropReason {
     QueueTail,
     /// Writing to the destination's socket failed or timed out.
     WriteError,
+    /// The packet was over the 64 KiB limit (the sender is disconnected).
+    TooLarge,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::UnknownDest,
         DropReason::GoneDisconnected,
         DropReason::QueueHead,
         DropReason::QueueTail,
         DropReason::WriteError,
+        DropReason::TooLarge,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -40,6 +43,7 @@ impl DropReason {
             DropReason::QueueHead => "queue_head",
             DropReason::QueueTail => "queue_tail",
             DropReason::WriteError => "write_error",
+            DropReason::TooLarge => "too_large",
         }
     }
 }

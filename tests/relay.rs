@@ -83,6 +83,7 @@ async fn protocol_maximum_packet_is_relayed_and_one_more_byte_is_refused() {
             "oversized packet closes the sender ({via:?})"
         );
     }
+    assert_eq!(dropped(relay.relay(), DropReason::TooLarge), 2);
 }
 
 #[tokio::test]

@@ -348,6 +348,11 @@ async fn read_frames(
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
+                    if let FrameError::TooLarge { frame_type, .. } = e
+                        && frame_type == FrameType::SendPacket as u8
+                    {
+                        m.dropped(DropReason::TooLarge).inc();
+                    }
                     tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "bad frame");
                     return "bad_frame";
                 }
