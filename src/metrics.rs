@@ -16,10 +16,9 @@ pub enum DropReason {
     UnknownDest,
     /// The destination left while the packet was queued for it.
     GoneDisconnected,
-    /// The destination's queue was full; its oldest packet made room.
+    /// The destination's queue was full; its oldest packet made room. (Upstream
+    /// also has `queue_tail`, for a race its lock-free queue has and ours does not.)
     QueueHead,
-    /// The destination's queue was full and the new packet itself was dropped.
-    QueueTail,
     /// Writing to the destination's socket failed or timed out.
     WriteError,
     /// The packet was over the 64 KiB limit (the sender is disconnected).
@@ -27,11 +26,10 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::UnknownDest,
         DropReason::GoneDisconnected,
         DropReason::QueueHead,
-        DropReason::QueueTail,
         DropReason::WriteError,
         DropReason::TooLarge,
     ];
@@ -41,7 +39,6 @@ impl DropReason {
             DropReason::UnknownDest => "unknown_dest",
             DropReason::GoneDisconnected => "gone_disconnected",
             DropReason::QueueHead => "queue_head",
-            DropReason::QueueTail => "queue_tail",
             DropReason::WriteError => "write_error",
             DropReason::TooLarge => "too_large",
         }
