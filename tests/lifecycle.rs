@@ -378,7 +378,8 @@ async fn a_second_signal_cuts_the_drain_short() {
     let stuck = RawClient::connect(addr, Via::Derp).await;
     let mut flooder = RawClient::connect(addr, Via::Derp).await;
     let big = vec![3u8; 60_000];
-    for _ in 0..100 {
+    // Well past what loopback socket buffers hold, so its writer blocks.
+    for _ in 0..400 {
         flooder.send_packet(&stuck.key(), &big).await;
     }
     signal(&relay, libc::SIGTERM);
