@@ -24,6 +24,8 @@ use crate::relay::Shared;
 /// in-place writes, which truncate and then write: reading in between would see
 /// a partial file that parses, and evict keys that were never removed.
 const DEBOUNCE: Duration = Duration::from_millis(250);
+/// Gap between the two reads that must agree before a reload is trusted.
+const SETTLE: Duration = Duration::from_millis(30);
 
 /// The parsed allowed-keys file: key → optional label.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -165,6 +167,17 @@ impl Actor for AclActor {
                 if st.reload_pending && quiet < DEBOUNCE {
                     // Still being written: one timer at a time, re-armed.
                     myself.send_after(DEBOUNCE - quiet, || AclMsg::Reload);
+                    return Ok(());
+                }
+                // An in-place write (truncate, then write) that starts right now
+                // would be read half-done and parse: read twice, a moment
+                // apart, and only trust identical contents.
+                let first = std::fs::read(&st.path).ok();
+                tokio::time::sleep(SETTLE).await;
+                let second = std::fs::read(&st.path).ok();
+                if first != second {
+                    st.last_event = Instant::now();
+                    myself.send_after(DEBOUNCE, || AclMsg::Reload);
                     return Ok(());
                 }
                 st.reload_pending = false;
