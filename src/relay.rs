@@ -21,6 +21,26 @@ use crate::config::Config;
 use crate::metrics::{Metrics, RefuseReason};
 use crate::protocol::{PublicKey, ServerSecret};
 
+/// Where to find a long-lived actor that may be restarted: read on the control
+/// path (never per packet), swapped by the supervisor.
+pub struct ActorSlot<M: ractor::Message>(RwLock<Option<ActorRef<M>>>);
+
+impl<M: ractor::Message> Default for ActorSlot<M> {
+    fn default() -> Self {
+        ActorSlot(RwLock::new(None))
+    }
+}
+
+impl<M: ractor::Message> ActorSlot<M> {
+    pub fn get(&self) -> Option<ActorRef<M>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, r: Option<ActorRef<M>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+}
+
 /// State every part of the relay reads. Written only where noted.
 pub struct Shared {
     pub config: Config,
@@ -29,10 +49,11 @@ pub struct Shared {
     pub clients: Arc<Clients>,
     /// Set once when a graceful stop begins: refuse new clients, /healthz says draining.
     pub draining: Arc<AtomicBool>,
-    registry: RwLock<Option<ActorRef<RegistryMsg>>>,
-    tofu: RwLock<Option<ActorRef<TofuMsg>>>,
-    acl_actor: RwLock<Option<ActorRef<AclMsg>>>,
-    metrics_actor: RwLock<Option<ActorRef<MetricsMsg>>>,
+    /// The current long-lived actors; a restart swaps in the new one.
+    pub registry: ActorSlot<RegistryMsg>,
+    pub tofu: ActorSlot<TofuMsg>,
+    pub acl_actor: ActorSlot<AclMsg>,
+    pub metrics_actor: ActorSlot<MetricsMsg>,
     /// The allowed-keys set in force (`None` on an open relay). Swapped whole by the ACL actor.
     acl: RwLock<Option<Arc<AllowedKeys>>>,
     acl_status: RwLock<AclStatus>,
@@ -59,9 +80,9 @@ impl Shared {
             .set(acl.as_ref().map_or(0, |a| a.len() as i64));
         metrics.tofu_bindings.set(bindings.len() as i64);
         Shared {
-            tofu: RwLock::new(None),
-            acl_actor: RwLock::new(None),
-            metrics_actor: RwLock::new(None),
+            tofu: ActorSlot::default(),
+            acl_actor: ActorSlot::default(),
+            metrics_actor: ActorSlot::default(),
             acl: RwLock::new(acl.map(Arc::new)),
             acl_status: RwLock::new(AclStatus {
                 last_reload: Some(std::time::SystemTime::now()),
@@ -73,57 +94,12 @@ impl Shared {
             metrics: Arc::new(metrics),
             clients: Arc::new(Clients::default()),
             draining: Arc::new(AtomicBool::new(false)),
-            registry: RwLock::new(None),
+            registry: ActorSlot::default(),
             root: OnceLock::new(),
             conn_ids: AtomicU64::new(1),
             slots: AtomicUsize::new(0),
             started: Instant::now(),
         }
-    }
-
-    /// The current registry actor (it changes if the registry is restarted).
-    pub fn registry(&self) -> Option<ActorRef<RegistryMsg>> {
-        self.registry
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub(crate) fn set_registry(&self, r: Option<ActorRef<RegistryMsg>>) {
-        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = r;
-    }
-
-    pub fn tofu(&self) -> Option<ActorRef<TofuMsg>> {
-        self.tofu.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub(crate) fn set_tofu(&self, r: Option<ActorRef<TofuMsg>>) {
-        *self.tofu.write().unwrap_or_else(|p| p.into_inner()) = r;
-    }
-
-    pub fn metrics_actor(&self) -> Option<ActorRef<MetricsMsg>> {
-        self.metrics_actor
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub(crate) fn set_metrics_actor(&self, r: Option<ActorRef<MetricsMsg>>) {
-        *self
-            .metrics_actor
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = r;
-    }
-
-    pub fn acl_actor(&self) -> Option<ActorRef<AclMsg>> {
-        self.acl_actor
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub(crate) fn set_acl_actor(&self, r: Option<ActorRef<AclMsg>>) {
-        *self.acl_actor.write().unwrap_or_else(|p| p.into_inner()) = r;
     }
 
     /// The allowed-keys set in force, or `None` on an open relay.
@@ -341,12 +317,12 @@ impl Relay {
                 "shutdown deadline reached; cutting remaining connections"
             );
         }
-        if let Some(t) = self.shared.tofu()
+        if let Some(t) = self.shared.tofu.get()
             && let Ok(Err(e)) = ractor::call_t!(t, TofuMsg::Flush, 5_000)
         {
             tracing::error!(error = %e, "final TOFU flush failed");
         }
-        self.shared.set_registry(None);
+        self.shared.registry.set(None);
         self.root.stop(Some("shutdown".into()));
         let _ = tokio::time::timeout(Duration::from_secs(5), self.accept_task).await;
         left

@@ -270,7 +270,12 @@ async fn an_acl_or_tofu_crash_is_restarted_and_admission_keeps_working() {
     let (relay, path) = acl_relay(dir.path(), &[&a]).await;
     let shared = relay.relay().shared.clone();
 
-    crash_and_await_restart("ACL restarted", || shared.acl_actor(), AclMsg::CrashForTest).await;
+    crash_and_await_restart(
+        "ACL restarted",
+        || shared.acl_actor.get(),
+        AclMsg::CrashForTest,
+    )
+    .await;
     assert!(admitted(&relay, &a).await);
     write_keys(&path, &[&a, &b]);
     acl_says(&relay, &b, true).await;
@@ -279,7 +284,12 @@ async fn an_acl_or_tofu_crash_is_restarted_and_admission_keeps_working() {
         "the restarted ACL actor still watches the file"
     );
 
-    crash_and_await_restart("TOFU restarted", || shared.tofu(), TofuMsg::CrashForTest).await;
+    crash_and_await_restart(
+        "TOFU restarted",
+        || shared.tofu.get(),
+        TofuMsg::CrashForTest,
+    )
+    .await;
     assert!(admitted(&relay, &a).await);
     let bindings = shared.config.bindings_path();
     eventually("bindings written", || {

@@ -51,7 +51,7 @@ async fn a_registry_crash_is_restarted_without_dropping_clients() {
     let shared = relay.relay().shared.clone();
     crash_and_await_restart(
         "registry restarted",
-        || shared.registry(),
+        || shared.registry.get(),
         RegistryMsg::CrashForTest,
     )
     .await;

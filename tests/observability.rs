@@ -101,7 +101,7 @@ async fn metrics_move_with_traffic_and_live_only_on_loopback() {
     let shared = relay.relay().shared.clone();
     crash_and_await_restart(
         "metrics restarted",
-        || shared.metrics_actor(),
+        || shared.metrics_actor.get(),
         MetricsMsg::CrashForTest,
     )
     .await;

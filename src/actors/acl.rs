@@ -212,7 +212,7 @@ fn reload(shared: &Shared, path: &Path) {
             // checked by the registry against the new set or evicted after it.
             shared.set_acl(Arc::new(new));
             if !removed.is_empty()
-                && let Some(reg) = shared.registry()
+                && let Some(reg) = shared.registry.get()
             {
                 let _ = reg.cast(RegistryMsg::Evict(removed, "acl_removed"));
             }

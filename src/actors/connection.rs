@@ -194,7 +194,7 @@ impl Drop for ConnState {
             .metrics
             .dropped(DropReason::GoneDisconnected)
             .inc_by(lost as u64);
-        if let Some(reg) = self.shared.registry() {
+        if let Some(reg) = self.shared.registry.get() {
             let _ = reg.cast(RegistryMsg::Deregister(self.handle.clone()));
         }
         tracing::debug!(target: "derp_relay::core", key = %self.handle.key, conn = self.handle.conn_id, "client disconnected");
@@ -220,7 +220,7 @@ impl Actor for ConnectionActor {
             shared.config.queue_depth,
             myself.clone(),
         ));
-        let registry = shared.registry().ok_or("registry is not running")?;
+        let registry = shared.registry.get().ok_or("registry is not running")?;
         if let Err(reason) =
             ractor::call_t!(registry, RegistryMsg::Register, 5_000, handle.clone())?
         {
@@ -368,7 +368,7 @@ async fn read_frames(
                 ClientFrame::SendPacket { dst, packet } => {
                     received += packet.len() as u64;
                     if h.should_request_activity()
-                        && let Some(reg) = shared.registry()
+                        && let Some(reg) = shared.registry.get()
                     {
                         let _ = reg.cast(RegistryMsg::Activity(h.clone()));
                     }

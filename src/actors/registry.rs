@@ -341,7 +341,7 @@ impl Actor for RegistryActor {
                         return Ok(());
                     }
                 };
-                if let Some(t) = st.shared.tofu() {
+                if let Some(t) = st.shared.tofu.get() {
                     let _ = t.cast(TofuMsg::Seen {
                         key: h.key,
                         label,

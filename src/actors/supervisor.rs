@@ -80,17 +80,17 @@ async fn spawn_child(
     Ok(match which {
         Child::Registry => {
             let (r, _) = Actor::spawn_linked(None, RegistryActor, shared.clone(), root).await?;
-            shared.set_registry(Some(r.clone()));
+            shared.registry.set(Some(r.clone()));
             Some(r.get_id())
         }
         Child::Metrics => {
             let (r, _) = Actor::spawn_linked(None, MetricsActor, shared.clone(), root).await?;
-            shared.set_metrics_actor(Some(r.clone()));
+            shared.metrics_actor.set(Some(r.clone()));
             Some(r.get_id())
         }
         Child::Tofu => {
             let (r, _) = Actor::spawn_linked(None, TofuActor, shared.clone(), root).await?;
-            shared.set_tofu(Some(r.clone()));
+            shared.tofu.set(Some(r.clone()));
             Some(r.get_id())
         }
         Child::Acl => match &shared.config.allowed_keys_file {
@@ -98,7 +98,7 @@ async fn spawn_child(
                 let (r, _) =
                     Actor::spawn_linked(None, AclActor, (shared.clone(), path.clone()), root)
                         .await?;
-                shared.set_acl_actor(Some(r.clone()));
+                shared.acl_actor.set(Some(r.clone()));
                 Some(r.get_id())
             }
             None => None, // open relay: nothing to watch
@@ -155,7 +155,7 @@ impl Actor for RootSupervisor {
                 }
             }
             RootMsg::GoingAway(reply) => {
-                let n = match st.shared.registry() {
+                let n = match st.shared.registry.get() {
                     Some(r) => ractor::call_t!(r, RegistryMsg::GoingAway, 5_000).unwrap_or(0),
                     None => 0,
                 };
