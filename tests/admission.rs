@@ -50,7 +50,7 @@ async fn only_listed_keys_are_admitted() {
             "no ServerInfo for an unlisted key"
         );
     }
-    assert_eq!(relay.relay().metrics().refused_count(RefuseReason::Acl), 2);
+    assert_eq!(refused(relay.relay(), RefuseReason::Acl), 2);
 
     // A refused WebSocket client is told why, with close code 1008.
     let mut ws = ws_connect_handshaken(relay.addr).await;
@@ -332,13 +332,7 @@ async fn bindings_survive_restart_and_tofu_lock_admits_only_known_keys() {
         !admitted(&relay, &newcomer).await,
         "--tofu-lock refuses unknown keys"
     );
-    assert_eq!(
-        relay
-            .relay()
-            .metrics()
-            .refused_count(RefuseReason::TofuLock),
-        1
-    );
+    assert_eq!(refused(relay.relay(), RefuseReason::TofuLock), 1);
 }
 
 #[tokio::test]
@@ -456,13 +450,7 @@ async fn rate_limit_answers_429_after_the_burst_and_ignores_spoofed_headers() {
     // Upgrades count against the same budget.
     let c = tcp_from(ip, relay.addr).await;
     drop(c);
-    assert!(
-        relay
-            .relay()
-            .metrics()
-            .refused_count(RefuseReason::RateLimit)
-            >= 2
-    );
+    assert!(refused(relay.relay(), RefuseReason::RateLimit) >= 2);
     // Another address is unaffected.
     assert!(
         raw_http(relay.addr, next_source_ip(), "")

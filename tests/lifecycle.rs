@@ -119,7 +119,7 @@ async fn client_cap_refuses_upgrades_with_503() {
         let err = connect_io(relay.addr, via).await.err().expect("refused");
         assert!(err.to_string().contains("503"), "{via:?}: {err}");
     }
-    assert_eq!(relay.relay().metrics().refused_count(RefuseReason::Cap), 2);
+    assert_eq!(refused(relay.relay(), RefuseReason::Cap), 2);
     drop(_first);
     eventually("slot released", || relay.relay().shared.clients.is_empty()).await;
     // The slot is free again once the first client has gone.
@@ -143,13 +143,7 @@ async fn silent_client_is_closed_at_the_handshake_deadline_and_frees_its_slot() 
     .await;
     let mut c = RawClient::start(relay.addr, Via::Derp).await; // never sends ClientInfo
     assert!(c.closed().await);
-    assert_eq!(
-        relay
-            .relay()
-            .metrics()
-            .refused_count(RefuseReason::BadHandshake),
-        1
-    );
+    assert_eq!(refused(relay.relay(), RefuseReason::BadHandshake), 1);
     let kp = NodeKeyPair::random();
     let _ok = ts_client(relay.addr, Via::Ws, &kp).await;
 }

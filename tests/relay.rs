@@ -184,13 +184,7 @@ async fn garbage_instead_of_client_info_closes_only_that_connection() {
             .unwrap();
         assert!(c.closed().await, "{via:?}");
     }
-    assert_eq!(
-        relay
-            .relay()
-            .metrics()
-            .refused_count(RefuseReason::BadHandshake),
-        2
-    );
+    assert_eq!(refused(relay.relay(), RefuseReason::BadHandshake), 2);
     // The relay and its other client are unaffected.
     let other = NodeKeyPair::random();
     let o = ts_client(relay.addr, Via::Ws, &other).await;
@@ -213,13 +207,7 @@ async fn forged_client_info_is_refused() {
         assert!(c.closed().await, "no ServerInfo for a forged box ({via:?})");
         assert!(!relay.relay().shared.clients.is_connected(&public(&victim)));
     }
-    assert_eq!(
-        relay
-            .relay()
-            .metrics()
-            .refused_count(RefuseReason::BadHandshake),
-        2
-    );
+    assert_eq!(refused(relay.relay(), RefuseReason::BadHandshake), 2);
 }
 
 #[tokio::test]
@@ -335,13 +323,7 @@ async fn websocket_text_message_closes_the_connection() {
         n.map_or(true, |n| n == 0),
         "nothing but a close after a text message"
     );
-    assert_eq!(
-        relay
-            .relay()
-            .metrics()
-            .refused_count(RefuseReason::BadHandshake),
-        1
-    );
+    assert_eq!(refused(relay.relay(), RefuseReason::BadHandshake), 1);
 }
 
 #[tokio::test]

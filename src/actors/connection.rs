@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 
@@ -494,7 +494,6 @@ async fn write_frames(
         for (src, data) in batch.disco.drain(..).chain(batch.packets.drain(..)) {
             bytes += data.len() as u64;
             frame::encode_recv_packet(out, &src, &data);
-            drop::<Bytes>(data);
         }
         if !out.is_empty() {
             h.begin_write(shared.now_ms(), packets);

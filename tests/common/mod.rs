@@ -389,6 +389,10 @@ pub fn dropped(relay: &Relay, reason: derp_relay::metrics::DropReason) -> u64 {
     relay.metrics().dropped(reason).get()
 }
 
+pub fn refused(relay: &Relay, reason: derp_relay::metrics::RefuseReason) -> u64 {
+    relay.metrics().refused_count(reason)
+}
+
 /// Like [`ts_client`], but returns the handshake error (e.g. refused by the ACL).
 pub async fn try_ts_client(
     addr: SocketAddr,
