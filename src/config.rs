@@ -66,6 +66,23 @@ pub struct Config {
     pub metrics_port: u16,
     /// Bearer token for the detailed `/healthz`; unset = no detail.
     pub metrics_token: Option<String>,
+    /// With `trust_proxy`: the one header that carries the client address
+    /// (e.g. `Fly-Client-IP`, `CF-Connecting-IP`). Unset: `Fly-Client-IP` on
+    /// Fly.io (recognised from its environment), else the rightmost
+    /// `X-Forwarded-For` entry.
+    pub client_ip_header: Option<String>,
+    /// IPv6 clients share one rate-limit and pending bucket per prefix of this length.
+    pub ipv6_prefix: u8,
+    /// Connections one address may hold before its handshake completes; 0 = no limit.
+    pub max_pending_per_ip: u32,
+    /// A client must send its whole HTTP request head within this long.
+    #[serde(with = "duration_text")]
+    pub header_timeout: Duration,
+    /// TOFU bindings kept at most; the longest-unseen are evicted first. 0 = no cap.
+    pub tofu_max_bindings: usize,
+    /// Forget TOFU bindings not seen for this long; 0s = never.
+    #[serde(with = "duration_text")]
+    pub tofu_expire: Duration,
 }
 
 impl Default for Config {
@@ -89,6 +106,12 @@ impl Default for Config {
             trust_proxy: false,
             metrics_port: 0,
             metrics_token: None,
+            client_ip_header: None,
+            ipv6_prefix: 64,
+            max_pending_per_ip: 32,
+            header_timeout: Duration::from_secs(10),
+            tofu_max_bindings: 100_000,
+            tofu_expire: Duration::ZERO,
         }
     }
 }
@@ -173,6 +196,30 @@ pub struct Flags {
     #[arg(long, value_name = "TOKEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_token: Option<String>,
+    /// With --trust-proxy: take the client address from this header only (default: Fly-Client-IP on Fly.io, else rightmost X-Forwarded-For).
+    #[arg(long, value_name = "HEADER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ip_header: Option<String>,
+    /// IPv6 clients share rate-limit buckets per prefix of this many bits.
+    #[arg(long, value_name = "BITS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv6_prefix: Option<u8>,
+    /// Unauthenticated connections one address may hold at once (0 = off).
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pending_per_ip: Option<u32>,
+    /// Deadline for a client's HTTP request head.
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_timeout: Option<String>,
+    /// TOFU bindings kept at most, longest-unseen evicted first (0 = no cap).
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tofu_max_bindings: Option<usize>,
+    /// Forget TOFU bindings not seen for this long (0s = never).
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tofu_expire: Option<String>,
 }
 
 /// A configuration problem, already phrased for the operator.
@@ -273,6 +320,16 @@ impl Config {
         {
             return Err(ConfigError("metrics_token: must not be empty".into()));
         }
+        if self.ipv6_prefix == 0 || self.ipv6_prefix > 128 {
+            return Err(ConfigError("ipv6_prefix: must be between 1 and 128".into()));
+        }
+        if let Some(h) = &self.client_ip_header
+            && http::HeaderName::from_bytes(h.trim().as_bytes()).is_err()
+        {
+            return Err(ConfigError(format!(
+                "client_ip_header: {h:?} is not an HTTP header name"
+            )));
+        }
         if self.queue_depth == 0 {
             return Err(ConfigError("queue_depth: must be at least 1".into()));
         }
@@ -281,6 +338,7 @@ impl Config {
             ("write_timeout", self.write_timeout),
             ("handshake_timeout", self.handshake_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("header_timeout", self.header_timeout),
         ] {
             if d.is_zero() {
                 return Err(ConfigError(format!("{name}: must be longer than 0s")));

@@ -19,7 +19,9 @@ use tokio::task::JoinHandle;
 
 use super::registry::{ClientHandle, RegistryMsg};
 use super::send_queue::{Batch, Control};
+use super::preauth::PreAuth;
 use super::transport::{ConnReader, ConnWriter};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::metrics::{DropReason, RefuseReason, Transport};
 use crate::protocol::frame::{self, FrameType};
 use crate::protocol::handshake::server_info_json;
@@ -69,8 +71,8 @@ enum HandshakeFailure {
 /// Runs the DERP handshake on a freshly upgraded connection and, if the client
 /// proves its key and is admitted, starts its connection actor.
 pub async fn accept(
-    mut reader: ConnReader,
-    mut writer: ConnWriter,
+    mut io: PreAuth,
+    ws_config: WebSocketConfig,
     shared: Arc<Shared>,
     remote: SocketAddr,
     transport: Transport,
@@ -78,13 +80,21 @@ pub async fn accept(
 ) {
     let started = Instant::now();
     let deadline = shared.config.handshake_timeout;
-    let hs = tokio::time::timeout(deadline, handshake(&mut reader, &mut writer, &shared)).await;
+    let hs = tokio::time::timeout(deadline, handshake(&mut io, &shared)).await;
     let (key, info, buf) = match hs.unwrap_or(Err(HandshakeFailure::Timeout)) {
         Ok(v) => v,
         Err(e) => {
             shared.metrics.refused(RefuseReason::BadHandshake);
             tracing::debug!(target: "derp_relay::core", %remote, error = %e, "handshake failed");
-            writer.close().await;
+            io.close().await;
+            return;
+        }
+    };
+    let (reader, writer) = match io.into_conn(ws_config).await {
+        Ok(rw) => rw,
+        Err(e) => {
+            shared.metrics.refused(RefuseReason::BadHandshake);
+            tracing::debug!(target: "derp_relay::core", %remote, error = %e, "handshake failed");
             return;
         }
     };
@@ -125,13 +135,12 @@ pub async fn accept(
 }
 
 async fn handshake(
-    reader: &mut ConnReader,
-    writer: &mut ConnWriter,
+    io: &mut PreAuth,
     shared: &Shared,
 ) -> Result<(PublicKey, ClientInfo, BytesMut), HandshakeFailure> {
     let mut out = BytesMut::new();
     frame::encode_server_key(&mut out, &shared.secret.public());
-    writer.write_batch(&mut out, false).await?;
+    io.write(&out).await?;
 
     // Only ClientInfo is acceptable first; any other type fails on its header.
     let limit = |t: u8| {
@@ -155,8 +164,10 @@ async fn handshake(
             // Whatever the client pipelined after ClientInfo stays in `buf`.
             return Ok((key, info, buf));
         }
+        // Grow only by what arrives: the announced length is a claim, not a
+        // reason to allocate.
         let need = frame::bytes_needed(&buf);
-        if reader.read_some(&mut buf, need.max(256)).await? == 0 {
+        if io.read_some(&mut buf, need).await? == 0 {
             return Err(HandshakeFailure::Eof);
         }
     }

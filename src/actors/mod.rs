@@ -4,6 +4,7 @@
 pub mod acl;
 pub mod connection;
 pub mod metrics;
+pub mod preauth;
 pub mod read_ahead;
 pub mod registry;
 pub mod send_queue;

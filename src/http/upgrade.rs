@@ -12,16 +12,20 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use warp::reply::Response;
 
 use super::PeerAddr;
 use super::routes::text;
-use crate::actors::{connection, transport};
+use crate::actors::connection;
+use crate::actors::preauth::PreAuth;
 use crate::metrics::{RefuseReason, Transport};
-use crate::protocol::frame::MAX_INFO_LEN;
+use crate::protocol::frame::MAX_PACKET_SIZE;
+
+/// Largest WebSocket message from an authenticated client: four maximal
+/// SendPacket frames.
+const MAX_WS_MESSAGE: usize = 4 * (MAX_PACKET_SIZE + 64);
 use crate::relay::{ClientSlot, Shared};
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -33,8 +37,10 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// WebSocket settings: small buffers (an idle client must cost a few KiB) and a
-/// message limit that fits the largest frame, ClientInfo, with room to spare.
+/// WebSocket settings once the client is authenticated: small buffers (an idle
+/// client must cost a few KiB) and a message limit that fits the largest DERP
+/// frame with room for a few merged ones. Before authentication the stream is
+/// read by `PreAuth`, with a limit of a few KiB.
 ///
 /// tungstenite's own read buffer stays tiny (it is allocated per connection
 /// and zero-filled before every read); busy connections get a read-ahead
@@ -43,8 +49,8 @@ fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(256)
         .write_buffer_size(0)
-        .max_message_size(Some(2 * MAX_INFO_LEN))
-        .max_frame_size(Some(2 * MAX_INFO_LEN))
+        .max_message_size(Some(MAX_WS_MESSAGE))
+        .max_frame_size(Some(MAX_WS_MESSAGE))
 }
 
 pub fn handle(
@@ -147,13 +153,9 @@ async fn run_upgraded(
         }
     };
     let io = TokioIo::new(upgraded);
-    let (reader, writer) = match transport {
-        Transport::Derp => transport::derp(io),
-        Transport::WebSocket => {
-            let io = crate::actors::read_ahead::ReadAhead::new(io);
-            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
-            transport::websocket(ws)
-        }
+    let io = match transport {
+        Transport::Derp => PreAuth::derp(io),
+        Transport::WebSocket => PreAuth::websocket(io),
     };
-    connection::accept(reader, writer, shared, remote, transport, slot).await;
+    connection::accept(io, ws_config(), shared, remote, transport, slot).await;
 }

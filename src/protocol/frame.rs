@@ -18,6 +18,10 @@ pub const MAX_PACKET_SIZE: usize = 64 << 10;
 /// Largest sealed JSON blob in ClientInfo/ServerInfo.
 pub const MAX_INFO_LEN: usize = 1 << 20;
 pub const NONCE_LEN: usize = 24;
+/// Largest ClientInfo payload (key, nonce, box) this server reads. Upstream
+/// allows 256 KiB; a real one is 150 to 300 bytes, and every byte of it is
+/// held before the client has proven anything, so the bound is tight.
+pub const MAX_CLIENT_INFO_PAYLOAD: usize = 4096;
 /// Prefix of Tailscale disco (NAT traversal) messages, "TS" and U+1F4AC.
 pub const DISCO_MAGIC: [u8; 6] = [0x54, 0x53, 0xF0, 0x9F, 0x92, 0xAC];
 /// Disco magic + sender disco key + nonce: anything shorter is not disco.
@@ -99,7 +103,7 @@ pub struct RawFrame {
 /// The largest payload a server accepts from a client for each frame type.
 pub fn client_frame_limit(frame_type: u8) -> usize {
     match FrameType::from_u8(frame_type) {
-        Some(FrameType::ClientInfo) => KEY_LEN + NONCE_LEN + MAX_INFO_LEN,
+        Some(FrameType::ClientInfo) => MAX_CLIENT_INFO_PAYLOAD,
         Some(FrameType::SendPacket) => KEY_LEN + MAX_PACKET_SIZE,
         Some(FrameType::ForwardPacket) => 2 * KEY_LEN + MAX_PACKET_SIZE,
         Some(FrameType::NotePreferred) => 1,
