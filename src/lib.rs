@@ -2,11 +2,13 @@
 //! DESIGN.md (in the team's shared folder) for the architecture.
 
 pub mod actors;
+pub mod admission;
 pub mod client;
 pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod protocol;
+pub mod reasons;
 pub mod relay;
 
 pub use config::Config;

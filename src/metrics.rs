@@ -8,90 +8,7 @@ use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
-/// Why a packet was not delivered. A closed list, so every drop is counted
-/// under exactly one name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DropReason {
-    /// No client with the destination key is connected here.
-    UnknownDest,
-    /// The destination left while the packet was queued for it.
-    GoneDisconnected,
-    /// The destination's queue was full; its oldest packet made room. (Upstream
-    /// also has `queue_tail`, for a race its lock-free queue has and ours does not.)
-    QueueHead,
-    /// Writing to the destination's socket failed or timed out.
-    WriteError,
-    /// The packet was over the 64 KiB limit (the sender is disconnected).
-    TooLarge,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 5] = [
-        DropReason::UnknownDest,
-        DropReason::GoneDisconnected,
-        DropReason::QueueHead,
-        DropReason::WriteError,
-        DropReason::TooLarge,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::UnknownDest => "unknown_dest",
-            DropReason::GoneDisconnected => "gone_disconnected",
-            DropReason::QueueHead => "queue_head",
-            DropReason::WriteError => "write_error",
-            DropReason::TooLarge => "too_large",
-        }
-    }
-}
-
-/// Why a connection attempt did not become a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RefuseReason {
-    /// The ClientInfo box did not open, or the handshake was malformed or late.
-    BadHandshake,
-    /// The client cap was reached.
-    Cap,
-    /// The key is not in the allowed-keys file.
-    Acl,
-    /// The key has no TOFU binding while `--tofu-lock` is on.
-    TofuLock,
-    /// Too many requests from the client's address.
-    RateLimit,
-    /// The relay is shutting down.
-    ShuttingDown,
-}
-
-impl RefuseReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RefuseReason::BadHandshake => "bad_handshake",
-            RefuseReason::Cap => "cap",
-            RefuseReason::Acl => "acl",
-            RefuseReason::TofuLock => "tofu_lock",
-            RefuseReason::RateLimit => "rate_limit",
-            RefuseReason::ShuttingDown => "shutting_down",
-        }
-    }
-}
-
-/// The transport a client connected over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// HTTP/1.1 `Upgrade: DERP`, raw frames on the upgraded stream.
-    Derp,
-    /// WebSocket, subprotocol `derp`, frames in binary messages.
-    WebSocket,
-}
-
-impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Derp => "derp",
-            Transport::WebSocket => "websocket",
-        }
-    }
-}
+pub use crate::reasons::{DropReason, RefuseReason, Transport};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -114,6 +31,7 @@ pub struct Metrics {
     pub acl_keys: IntGauge,
     pub tofu_bindings: IntGauge,
     pub tofu_write_failures: IntCounter,
+    pub tofu_evictions: IntCounterVec,
     pub max_clients: IntGauge,
 }
 
@@ -237,6 +155,17 @@ impl Metrics {
             ),
             acl_keys: gauge("derp_acl_keys", "Keys in the allowed-keys set in force."),
             tofu_bindings: gauge("derp_tofu_bindings", "Keys with a TOFU binding."),
+            tofu_evictions: {
+                let v = counter_vec(
+                    "derp_tofu_evictions_total",
+                    "TOFU bindings forgotten, by reason (cap: over --tofu-max-bindings; expired: not seen for --tofu-expire).",
+                    &["reason"],
+                );
+                for r in crate::admission::bindings::EvictReason::ALL {
+                    v.with_label_values(&[r.as_str()]);
+                }
+                v
+            },
             tofu_write_failures: counter(
                 "derp_tofu_write_failures_total",
                 "Failed writes of the TOFU bindings file.",

@@ -3,7 +3,6 @@
 //! start the relay through [`Relay::start`].
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -12,11 +11,14 @@ use ractor::{Actor, ActorCell, ActorRef};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::actors::acl::{AclMsg, AclStatus, AllowedKeys};
+use crate::actors::acl::AclMsg;
 use crate::actors::metrics::MetricsMsg;
 use crate::actors::registry::{Clients, RegistryMsg};
 use crate::actors::supervisor::{RootArgs, RootMsg, RootSupervisor};
-use crate::actors::tofu::{Bindings, TofuMsg};
+use crate::actors::tofu::TofuMsg;
+use crate::admission::allowed_keys::{AclStatus, AllowedKeys};
+use crate::admission::bindings::{self, Bindings};
+use crate::admission::server_key::load_or_create_key;
 use crate::config::Config;
 use crate::metrics::{Metrics, RefuseReason};
 use crate::protocol::{PublicKey, ServerSecret};
@@ -153,26 +155,17 @@ impl Shared {
     /// Admission of a proven key: the ACL (if any), then `--tofu-lock`.
     /// Returns the key's ACL label. Called by the registry as it registers the
     /// client, so an ACL reload cannot slip between check and registration.
-    pub fn admit(&self, key: &PublicKey) -> Result<Option<String>, RefuseReason> {
+    pub fn admit(&self, key: &PublicKey) -> Result<Option<Arc<str>>, RefuseReason> {
         if self.is_draining() {
             return Err(RefuseReason::ShuttingDown);
         }
         let acl = self.acl();
-        let in_acl = acl.as_deref().is_some_and(|a| a.contains(key));
-        if acl.is_some() && !in_acl {
-            return Err(RefuseReason::Acl);
-        }
-        if self.config.tofu_lock && !in_acl {
-            let bound = self
-                .bindings
+        crate::admission::admit(key, acl.as_deref(), self.config.tofu_lock, |k| {
+            self.bindings
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains(key);
-            if !bound {
-                return Err(RefuseReason::TofuLock);
-            }
-        }
-        Ok(acl.and_then(|a| a.label(key).map(str::to_owned)))
+                .contains(k)
+        })
     }
 }
 
@@ -183,41 +176,6 @@ impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.slots.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// Loads the server key from `path`, or creates it (mode 0600) if absent.
-/// A key file that exists but does not parse is an error, never replaced.
-pub fn load_or_create_key(path: &Path) -> Result<ServerSecret, String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            ServerSecret::from_key_file(&text).map_err(|e| format!("{}: {e}", path.display()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            }
-            let key = ServerSecret::generate();
-            write_private(path, key.to_key_file().as_bytes())
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            tracing::info!(path = %path.display(), "created new server key");
-            Ok(key)
-        }
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
-}
-
-fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    f.write_all(data)?;
-    f.sync_all()
 }
 
 /// A running relay.
@@ -232,13 +190,22 @@ pub struct Relay {
 
 impl Relay {
     /// Validates, starts the supervisor tree, then binds and serves.
-    pub async fn start(config: Config) -> Result<Relay, String> {
+    pub async fn start(mut config: Config) -> Result<Relay, String> {
+        fit_clients_to_descriptors(&mut config);
         let listen = config.listen_addr().map_err(|e| e.0)?;
         let acl = match &config.allowed_keys_file {
             Some(p) => Some(AllowedKeys::load(p)?),
             None => None,
         };
-        let bindings = Bindings::load(&config.bindings_path())?;
+        let bpath = config.bindings_path();
+        let stale = bindings::remove_stale_temp_files(&bpath);
+        if stale > 0 {
+            tracing::info!(
+                files = stale,
+                "removed temporary files left by an interrupted bindings write"
+            );
+        }
+        let bindings = Bindings::load(&bpath)?;
         let secret = load_or_create_key(&config.server_key_path())?;
         let shared = Arc::new(Shared::new(config, secret, acl, bindings));
 
@@ -328,6 +295,72 @@ impl Relay {
         left
     }
 }
+
+/// The soft open-files limit, if the platform tells.
+pub fn nofile_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0).then_some(r.rlim_cur)
+}
+
+/// Raises the soft open-files limit to the hard limit, as Go's runtime does
+/// for derper (many systems start services at a soft 1024), and returns the
+/// limit in force.
+pub fn raise_nofile_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass and nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return None;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                r.rlim_cur = r.rlim_max;
+            }
+        }
+    }
+    Some(r.rlim_cur)
+}
+
+/// Raises the open-files limit and makes `max_clients` fit in it: a cap the
+/// process cannot hold would turn into clients hanging in the accept backlog
+/// instead of the documented 503.
+fn fit_clients_to_descriptors(config: &mut Config) {
+    let Some(limit) = raise_nofile_limit() else {
+        return;
+    };
+    let room = limit.saturating_sub(NOFILE_RESERVE).max(1) as usize;
+    if config.max_clients == 0 || config.max_clients > room {
+        tracing::warn!(
+            nofile_limit = limit,
+            max_clients = config.max_clients,
+            clamped_to = room,
+            "max_clients does not fit the open-files limit; clamping (raise LimitNOFILE / ulimit -n to lift it)"
+        );
+        config.max_clients = room;
+    } else {
+        tracing::info!(
+            nofile_limit = limit,
+            max_clients = config.max_clients,
+            "open-files limit"
+        );
+    }
+}
+
+/// Descriptors the relay needs besides one per client: listener, metrics,
+/// files being written, the runtime, and some for clients still in the
+/// handshake or being refused.
+pub const NOFILE_RESERVE: u64 = 128;
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let sock = if addr.is_ipv4() {

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use derp_relay::actors::acl::AclMsg;
-use derp_relay::actors::tofu::{Bindings, TofuMsg};
+use derp_relay::actors::tofu::TofuMsg;
+use derp_relay::admission::bindings::Bindings;
 use derp_relay::metrics::RefuseReason;
 use ts_keys::NodeKeyPair;
 

@@ -11,8 +11,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use derp_relay::actors::acl::AllowedKeys;
-use derp_relay::actors::tofu::Bindings;
+use derp_relay::admission::allowed_keys::AllowedKeys;
+use derp_relay::admission::bindings::Bindings;
 use derp_relay::protocol::PublicKey;
 use derp_relay::protocol::handshake::ClientSecret;
 
@@ -572,8 +572,8 @@ fn keys_export_turns_bindings_into_an_allowed_keys_file() {
     );
     let mut b = Bindings::default();
     let addr: SocketAddr = "192.0.2.10:41641".parse().unwrap();
-    b.seen(k1, Some("alice-laptop".into()), addr);
-    b.seen(k2, None, addr);
+    b.seen(k1, Some("alice-laptop".into()), addr, 1_700_000_000);
+    b.seen(k2, None, addr, 1_700_000_000);
     b.write_atomic(&data.join("tofu-bindings.json")).unwrap();
 
     let out = success(&run(&[

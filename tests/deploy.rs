@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use clap::Parser;
-use derp_relay::actors::acl::AllowedKeys;
+use derp_relay::admission::allowed_keys::AllowedKeys;
 use derp_relay::config::{Config, Flags};
 use serde_json::Value as Json;
 use serde_norway::Value as Yaml;

@@ -356,8 +356,8 @@ async fn sigterm_drains_and_exits_zero() {
     ));
     let st = wait_exit(&mut relay, Duration::from_secs(10)).await;
     assert_eq!(st.code(), Some(0));
-    let b =
-        derp_relay::actors::tofu::Bindings::load(&dir.path().join("tofu-bindings.json")).unwrap();
+    let b = derp_relay::admission::bindings::Bindings::load(&dir.path().join("tofu-bindings.json"))
+        .unwrap();
     assert!(b.contains(&c.key()), "binding flushed on the way out");
 }
 

@@ -218,7 +218,7 @@ async fn drain_with_a_thousand_clients_tells_everyone_and_meets_the_deadline() {
         told += 1;
     }
     assert_eq!(told, N);
-    let b = derp_relay::actors::tofu::Bindings::load(&bindings).unwrap();
+    let b = derp_relay::admission::bindings::Bindings::load(&bindings).unwrap();
     assert_eq!(b.len(), N + 4, "bindings flushed on the way out");
 }
 

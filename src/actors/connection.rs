@@ -17,16 +17,17 @@ use bytes::BytesMut;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 
+use super::preauth::PreAuth;
 use super::registry::{ClientHandle, RegistryMsg};
 use super::send_queue::{Batch, Control};
-use super::preauth::PreAuth;
 use super::transport::{ConnReader, ConnWriter};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use crate::http::client_addr::PendingGuard;
 use crate::metrics::{DropReason, RefuseReason, Transport};
 use crate::protocol::frame::{self, FrameType};
 use crate::protocol::handshake::server_info_json;
 use crate::protocol::{ClientFrame, ClientInfo, FrameError, PeerGoneReason, PublicKey};
 use crate::relay::{ClientSlot, Shared};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Smallest read reservation; idle clients settle here, busy ones grow.
 const MIN_READ: usize = 1024;
@@ -77,10 +78,13 @@ pub async fn accept(
     remote: SocketAddr,
     transport: Transport,
     slot: ClientSlot,
+    pending: Option<PendingGuard>,
 ) {
     let started = Instant::now();
     let deadline = shared.config.handshake_timeout;
     let hs = tokio::time::timeout(deadline, handshake(&mut io, &shared)).await;
+    // The box opened: the client is no longer a stranger.
+    drop(pending);
     let (key, info, buf) = match hs.unwrap_or(Err(HandshakeFailure::Timeout)) {
         Ok(v) => v,
         Err(e) => {

@@ -97,7 +97,10 @@ impl PreAuth {
 
     /// The authenticated connection's reader and writer. WebSocket bytes
     /// already read but not decoded go to tungstenite first.
-    pub async fn into_conn(self, ws_config: WebSocketConfig) -> io::Result<(ConnReader, ConnWriter)> {
+    pub async fn into_conn(
+        self,
+        ws_config: WebSocketConfig,
+    ) -> io::Result<(ConnReader, ConnWriter)> {
         match self {
             PreAuth::Derp(io) => Ok(transport::derp(io)),
             PreAuth::Ws(w) => {

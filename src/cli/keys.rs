@@ -9,7 +9,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use derp_relay::actors::tofu::Bindings;
+use derp_relay::admission::bindings::Bindings;
 use derp_relay::protocol::handshake::ClientSecret;
 
 const PRIVATE_PREFIX: &str = "privkey:";

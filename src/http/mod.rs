@@ -1,6 +1,7 @@
 //! The HTTP front: our own accept loop (header timeout, stop-accepting) serving
 //! warp routes, including the two upgrades on `/derp`.
 
+pub mod client_addr;
 pub mod rate_limit;
 pub mod routes;
 pub mod server;

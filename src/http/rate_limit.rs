@@ -12,7 +12,6 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use http::HeaderMap;
 
 /// Addresses tracked at most; about 100 bytes each.
 const MAX_TRACKED: usize = 100_000;
@@ -67,43 +66,9 @@ impl IpRateLimit {
     }
 }
 
-/// The client's address: the TCP peer, or with `trust_proxy` the address the
-/// proxy reports (`Fly-Client-IP`, else the rightmost `X-Forwarded-For` entry,
-/// the one our own proxy appended). Without `trust_proxy` these headers are
-/// ignored, since anyone can send them.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trust_proxy: bool) -> IpAddr {
-    if !trust_proxy {
-        return peer;
-    }
-    let parse = |s: &str| s.trim().parse::<IpAddr>().ok();
-    if let Some(ip) = headers
-        .get("fly-client-ip")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse)
-    {
-        return ip;
-    }
-    headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .next_back()
-        .and_then(parse)
-        .unwrap_or(peer)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(*k, v.parse().unwrap());
-        }
-        h
-    }
 
     #[test]
     fn burst_then_refusal_with_retry_after() {
@@ -119,26 +84,5 @@ mod tests {
             "other addresses unaffected"
         );
         assert!(IpRateLimit::new(0, 0).check(ip).is_ok(), "0 = off");
-    }
-
-    #[test]
-    fn proxy_headers_only_with_trust_proxy() {
-        let peer: IpAddr = "10.0.0.1".parse().unwrap();
-        let h = headers(&[("x-forwarded-for", "203.0.113.9, 198.51.100.7")]);
-        assert_eq!(client_ip(peer, &h, false), peer);
-        assert_eq!(
-            client_ip(peer, &h, true),
-            "198.51.100.7".parse::<IpAddr>().unwrap()
-        );
-        let h = headers(&[
-            ("fly-client-ip", "2001:db8::1"),
-            ("x-forwarded-for", "198.51.100.7"),
-        ]);
-        assert_eq!(
-            client_ip(peer, &h, true),
-            "2001:db8::1".parse::<IpAddr>().unwrap()
-        );
-        let h = headers(&[("x-forwarded-for", "garbage")]);
-        assert_eq!(client_ip(peer, &h, true), peer);
     }
 }

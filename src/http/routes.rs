@@ -10,12 +10,15 @@ use warp::Filter;
 use warp::reply::Response;
 
 use super::PeerAddr;
+use super::client_addr::PendingCell;
+use super::server::FrontGate;
 use super::upgrade;
 use crate::relay::Shared;
 use subtle::ConstantTimeEq;
 
 pub fn routes(
     shared: Arc<Shared>,
+    gate: Arc<FrontGate>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let with_shared = {
         let s = shared.clone();
@@ -28,6 +31,8 @@ pub fn routes(
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
         .and(warp::ext::optional::<PeerAddr>())
+        .and(warp::ext::optional::<PendingCell>())
+        .and(warp::any().map(move || gate.clone()))
         .map(upgrade::handle);
     let probe = warp::path("derp")
         .and(warp::path("probe").or(warp::path("latency-check")).unify())
@@ -123,7 +128,11 @@ fn healthz(shared: Arc<Shared>, auth: Option<String>) -> Response {
             },
         );
     };
-    let presented = auth.strip_prefix("Bearer ").unwrap_or("").trim().as_bytes();
+    // RFC 7235: the scheme is case-insensitive.
+    let presented = match auth.trim().split_once(char::is_whitespace) {
+        Some((scheme, cred)) if scheme.eq_ignore_ascii_case("bearer") => cred.trim().as_bytes(),
+        _ => b"",
+    };
     if !bool::from(presented.ct_eq(token.as_bytes())) {
         return text(StatusCode::UNAUTHORIZED, "unauthorized\n");
     }

@@ -17,7 +17,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use warp::reply::Response;
 
 use super::PeerAddr;
+use super::client_addr::{PendingCell, PendingGuard};
 use super::routes::text;
+use super::server::FrontGate;
 use crate::actors::connection;
 use crate::actors::preauth::PreAuth;
 use crate::metrics::{RefuseReason, Transport};
@@ -59,6 +61,8 @@ pub fn handle(
     headers: HeaderMap,
     on_upgrade: Option<OnUpgrade>,
     peer: Option<PeerAddr>,
+    cell: Option<PendingCell>,
+    gate: Arc<FrontGate>,
 ) -> Response {
     if method != Method::GET && method != Method::POST {
         // ts_derp upgrades with POST, Tailscale's Go client with GET.
@@ -90,6 +94,22 @@ pub fn handle(
         shared.metrics.refused(RefuseReason::ShuttingDown);
         return text(StatusCode::SERVICE_UNAVAILABLE, "relay is shutting down\n");
     }
+    // The connection stays counted against its address until the handshake
+    // is done: the accept loop's slot if it has one, else one taken here for
+    // the address a trusted proxy reported.
+    let pending = match cell.and_then(|c| c.take()) {
+        Some(g) => Some(g),
+        None => match gate.pending.try_acquire(remote.ip()) {
+            Some(g) => g,
+            None => {
+                shared.metrics.refused(RefuseReason::PendingLimit);
+                return text(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many unauthenticated connections from your address\n",
+                );
+            }
+        },
+    };
     let Some(slot) = shared.try_client_slot() else {
         shared.metrics.refused(RefuseReason::Cap);
         return text(
@@ -134,7 +154,9 @@ pub fn handle(
             );
         }
     }
-    tokio::spawn(run_upgraded(on_upgrade, shared, remote, transport, slot));
+    tokio::spawn(run_upgraded(
+        on_upgrade, shared, remote, transport, slot, pending,
+    ));
     resp
 }
 
@@ -144,6 +166,7 @@ async fn run_upgraded(
     remote: SocketAddr,
     transport: Transport,
     slot: ClientSlot,
+    pending: Option<PendingGuard>,
 ) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
@@ -157,5 +180,5 @@ async fn run_upgraded(
         Transport::Derp => PreAuth::derp(io),
         Transport::WebSocket => PreAuth::websocket(io),
     };
-    connection::accept(io, ws_config(), shared, remote, transport, slot).await;
+    connection::accept(io, ws_config(), shared, remote, transport, slot, pending).await;
 }
