@@ -470,7 +470,7 @@ fn derpmap_prints_a_map_tailscale_and_headscale_read() {
         "--omit-default-regions",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
-    assert_eq!(v["OmitDefaultRegions"], true);
+    assert_eq!(v["omitDefaultRegions"], true, "§11: lower-case o");
     let region = &v["Regions"]["901"];
     assert_eq!(region["RegionID"], 901);
     assert_eq!(region["RegionCode"], "ams");
@@ -481,7 +481,7 @@ fn derpmap_prints_a_map_tailscale_and_headscale_read() {
     assert_eq!(node["HostName"], "derp.example.com");
     assert_eq!(node["IPv4"], "198.51.100.7");
     assert_eq!(node["DERPPort"], 443);
-    assert_eq!(node["STUNPort"], -1, "no STUN server: disabled by default");
+    assert_eq!(node["STUNPort"], 3478, "the relay answers STUN on 3478");
 
     let out = run(&[
         "derpmap",
