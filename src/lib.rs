@@ -1,15 +1,35 @@
 //! derp-relay: a DERP v2 relay server. See README.md for operation and
 //! DESIGN.md (in the team's shared folder) for the architecture.
+//!
+//! Modules by plane, lowest first (a module imports only those above it in
+//! this list; `tests/layering.rs` enforces it):
+//! `protocol` (frames, handshake boxes, keys: pure), `reasons` (how things
+//! end), `config` → `routing` (table, client handle, send queue) and
+//! `admission` (allowed keys, bindings, server key, `admit`) → `metrics`,
+//! `limits` → `state` (what the running relay shares) → `conn` (one client,
+//! upgrade to close) → `actors` (control plane) and `http` (accept loop,
+//! routes) → `relay` (wires it all). `client` and `cli` are the outside tools.
+//!
+//! A packet's path: `http::server` accepts, `http::upgrade` answers 101,
+//! `conn::accept` runs the bounded handshake and starts `conn::actor`, whose
+//! `conn::reader` decodes SendPacket and calls `routing::Clients::route`
+//! (a map read), which pushes onto the destination's `routing::SendQueue`;
+//! that connection's `conn::writer` drains the queue and writes the batch.
+//! No actor sees the packet.
 
 pub mod actors;
 pub mod admission;
 pub mod client;
 pub mod config;
+pub mod conn;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod protocol;
 pub mod reasons;
 pub mod relay;
+pub mod routing;
+pub mod state;
 
 pub use config::Config;
 pub use relay::Relay;

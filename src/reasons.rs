@@ -95,3 +95,56 @@ impl Transport {
         }
     }
 }
+
+/// Why an established client connection ended. A closed list: it is the
+/// `cause` label of `derp_disconnects_total` and the `cause` log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed its side.
+    Eof,
+    /// Reading from the socket failed.
+    ReadError,
+    /// Writing to the socket failed.
+    WriteError,
+    /// A write stayed blocked past `--write-timeout` (the client stopped reading).
+    WriteTimeout,
+    /// The client sent a malformed, oversized or server-only frame.
+    BadFrame,
+    /// A mesh frame (WatchConns, ClosePeer, ForwardPacket) from a non-mesh client.
+    MeshFrameFromClient,
+    /// The key was removed from the allowed-keys file.
+    AclRemoved,
+    /// The relay is stopping; the client was told to go elsewhere.
+    GoingAway,
+    /// A panic in this connection's reader, writer or actor (a bug; counted
+    /// so it is seen, and it costs only this connection).
+    Panic,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 9] = [
+        CloseReason::Eof,
+        CloseReason::ReadError,
+        CloseReason::WriteError,
+        CloseReason::WriteTimeout,
+        CloseReason::BadFrame,
+        CloseReason::MeshFrameFromClient,
+        CloseReason::AclRemoved,
+        CloseReason::GoingAway,
+        CloseReason::Panic,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Eof => "eof",
+            CloseReason::ReadError => "read_error",
+            CloseReason::WriteError => "write_error",
+            CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::BadFrame => "bad_frame",
+            CloseReason::MeshFrameFromClient => "mesh_frame_from_client",
+            CloseReason::AclRemoved => "acl_removed",
+            CloseReason::GoingAway => "going_away",
+            CloseReason::Panic => "panic",
+        }
+    }
+}

@@ -1,186 +1,33 @@
 //! Assembling a running relay: shared state, the supervisor tree and the HTTP
 //! front, with one handle to stop it. `main` and the integration tests both
-//! start the relay through [`Relay::start`].
+//! start the relay through [`Relay::start`]. This is the one place that knows
+//! every part; each part is handed only what it uses.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorCell, ActorRef};
+use ractor::{Actor, ActorRef};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::actors::acl::AclMsg;
-use crate::actors::metrics::MetricsMsg;
-use crate::actors::registry::{Clients, RegistryMsg};
+use crate::actors::Actors;
 use crate::actors::supervisor::{RootArgs, RootMsg, RootSupervisor};
 use crate::actors::tofu::TofuMsg;
-use crate::admission::allowed_keys::{AclStatus, AllowedKeys};
+use crate::admission::allowed_keys::AllowedKeys;
 use crate::admission::bindings::{self, Bindings};
 use crate::admission::server_key::load_or_create_key;
 use crate::config::Config;
-use crate::metrics::{Metrics, RefuseReason};
-use crate::protocol::{PublicKey, ServerSecret};
-
-/// Where to find a long-lived actor that may be restarted: read on the control
-/// path (never per packet), swapped by the supervisor.
-pub struct ActorSlot<M: ractor::Message>(RwLock<Option<ActorRef<M>>>);
-
-impl<M: ractor::Message> Default for ActorSlot<M> {
-    fn default() -> Self {
-        ActorSlot(RwLock::new(None))
-    }
-}
-
-impl<M: ractor::Message> ActorSlot<M> {
-    pub fn get(&self) -> Option<ActorRef<M>> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub fn set(&self, r: Option<ActorRef<M>>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = r;
-    }
-}
-
-/// State every part of the relay reads. Written only where noted.
-pub struct Shared {
-    pub config: Config,
-    pub secret: ServerSecret,
-    pub metrics: Arc<Metrics>,
-    pub clients: Arc<Clients>,
-    /// Set once when a graceful stop begins: refuse new clients, /healthz says draining.
-    pub draining: Arc<AtomicBool>,
-    /// The current long-lived actors; a restart swaps in the new one.
-    pub registry: ActorSlot<RegistryMsg>,
-    pub tofu: ActorSlot<TofuMsg>,
-    pub acl_actor: ActorSlot<AclMsg>,
-    pub metrics_actor: ActorSlot<MetricsMsg>,
-    /// The allowed-keys set in force (`None` on an open relay). Swapped whole by the ACL actor.
-    acl: RwLock<Option<Arc<AllowedKeys>>>,
-    acl_status: RwLock<AclStatus>,
-    /// TOFU bindings; the TOFU actor writes them to disk.
-    pub bindings: std::sync::Mutex<Bindings>,
-    root: OnceLock<ActorCell>,
-    conn_ids: AtomicU64,
-    /// Upgraded connections in handshake or registered, for `max_clients`.
-    slots: AtomicUsize,
-    pub started: Instant,
-}
-
-impl Shared {
-    pub fn new(
-        config: Config,
-        secret: ServerSecret,
-        acl: Option<AllowedKeys>,
-        bindings: Bindings,
-    ) -> Self {
-        let metrics = Metrics::new();
-        metrics.max_clients.set(config.max_clients as i64);
-        metrics
-            .acl_keys
-            .set(acl.as_ref().map_or(0, |a| a.len() as i64));
-        metrics.tofu_bindings.set(bindings.len() as i64);
-        Shared {
-            tofu: ActorSlot::default(),
-            acl_actor: ActorSlot::default(),
-            metrics_actor: ActorSlot::default(),
-            acl: RwLock::new(acl.map(Arc::new)),
-            acl_status: RwLock::new(AclStatus {
-                last_reload: Some(std::time::SystemTime::now()),
-                last_error: None,
-            }),
-            bindings: std::sync::Mutex::new(bindings),
-            config,
-            secret,
-            metrics: Arc::new(metrics),
-            clients: Arc::new(Clients::default()),
-            draining: Arc::new(AtomicBool::new(false)),
-            registry: ActorSlot::default(),
-            root: OnceLock::new(),
-            conn_ids: AtomicU64::new(1),
-            slots: AtomicUsize::new(0),
-            started: Instant::now(),
-        }
-    }
-
-    /// The allowed-keys set in force, or `None` on an open relay.
-    pub fn acl(&self) -> Option<Arc<AllowedKeys>> {
-        self.acl.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub(crate) fn set_acl(&self, a: Arc<AllowedKeys>) {
-        *self.acl.write().unwrap_or_else(|p| p.into_inner()) = Some(a);
-    }
-
-    pub fn acl_status(&self) -> AclStatus {
-        self.acl_status
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub(crate) fn set_acl_status(&self, s: AclStatus) {
-        *self.acl_status.write().unwrap_or_else(|p| p.into_inner()) = s;
-    }
-
-    pub(crate) fn root_cell(&self) -> Option<ActorCell> {
-        self.root.get().cloned()
-    }
-
-    /// Milliseconds since the relay started, plus one so it is never 0.
-    pub fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64 + 1
-    }
-
-    pub fn next_conn_id(&self) -> u64 {
-        self.conn_ids.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// Reserves room for one more client under `max_clients` (0 = no cap).
-    pub fn try_client_slot(self: &Arc<Self>) -> Option<ClientSlot> {
-        let cap = self.config.max_clients;
-        let prev = self.slots.fetch_add(1, Ordering::AcqRel);
-        if cap != 0 && prev >= cap {
-            self.slots.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(ClientSlot(self.clone()))
-    }
-
-    /// Admission of a proven key: the ACL (if any), then `--tofu-lock`.
-    /// Returns the key's ACL label. Called by the registry as it registers the
-    /// client, so an ACL reload cannot slip between check and registration.
-    pub fn admit(&self, key: &PublicKey) -> Result<Option<Arc<str>>, RefuseReason> {
-        if self.is_draining() {
-            return Err(RefuseReason::ShuttingDown);
-        }
-        let acl = self.acl();
-        crate::admission::admit(key, acl.as_deref(), self.config.tofu_lock, |k| {
-            self.bindings
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(k)
-        })
-    }
-}
-
-/// One unit of `max_clients`, released when the connection ends however it ends.
-pub struct ClientSlot(Arc<Shared>);
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        self.0.slots.fetch_sub(1, Ordering::AcqRel);
-    }
-}
+use crate::conn::ConnDeps;
+use crate::metrics::Metrics;
+use crate::state::Shared;
 
 /// A running relay.
 pub struct Relay {
     pub shared: Arc<Shared>,
+    /// The long-lived actors in force (tests reach them to inject faults).
+    pub actors: Arc<Actors>,
     addr: SocketAddr,
     root: ActorRef<RootMsg>,
     stop_accepting: watch::Sender<bool>,
@@ -191,7 +38,7 @@ pub struct Relay {
 impl Relay {
     /// Validates, starts the supervisor tree, then binds and serves.
     pub async fn start(mut config: Config) -> Result<Relay, String> {
-        fit_clients_to_descriptors(&mut config);
+        crate::limits::fit_clients_to_descriptors(&mut config);
         let listen = config.listen_addr().map_err(|e| e.0)?;
         let acl = match &config.allowed_keys_file {
             Some(p) => Some(AllowedKeys::load(p)?),
@@ -208,6 +55,12 @@ impl Relay {
         let bindings = Bindings::load(&bpath)?;
         let secret = load_or_create_key(&config.server_key_path())?;
         let shared = Arc::new(Shared::new(config, secret, acl, bindings));
+        let actors = Arc::new(Actors::default());
+        let deps = Arc::new(ConnDeps {
+            state: shared.clone(),
+            registrar: actors.clone(),
+            supervisor: Default::default(),
+        });
 
         let (fatal_tx, fatal) = watch::channel(None);
         let (root, _) = Actor::spawn(
@@ -215,24 +68,22 @@ impl Relay {
             RootSupervisor,
             RootArgs {
                 shared: shared.clone(),
+                actors: actors.clone(),
                 fatal: fatal_tx,
             },
         )
         .await
         .map_err(|e| format!("starting supervisor: {e}"))?;
-        let _ = shared.root.set(root.get_cell());
+        let _ = deps.supervisor.set(root.get_cell());
 
         let listener = bind(listen).map_err(|e| format!("addr: cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let (stop_accepting, stop_rx) = watch::channel(false);
-        let accept_task = tokio::spawn(crate::http::server::serve(
-            listener,
-            shared.clone(),
-            stop_rx,
-        ));
+        let accept_task = tokio::spawn(crate::http::server::serve(listener, deps, stop_rx));
         tracing::info!(%addr, server_key = %shared.secret.public().to_nodekey_hex(), "derp-relay listening");
         Ok(Relay {
             shared,
+            actors,
             addr,
             root,
             stop_accepting,
@@ -274,9 +125,7 @@ impl Relay {
             clients = told,
             "draining: told every client to go elsewhere"
         );
-        while !self.shared.clients.is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let _ = tokio::time::timeout_at(deadline.into(), self.shared.all_connections_gone()).await;
         let left = self.shared.clients.len();
         if left > 0 {
             tracing::warn!(
@@ -284,83 +133,17 @@ impl Relay {
                 "shutdown deadline reached; cutting remaining connections"
             );
         }
-        if let Some(t) = self.shared.tofu.get()
+        if let Some(t) = self.actors.tofu.get()
             && let Ok(Err(e)) = ractor::call_t!(t, TofuMsg::Flush, 5_000)
         {
             tracing::error!(error = %e, "final TOFU flush failed");
         }
-        self.shared.registry.set(None);
+        self.actors.registry.set(None);
         self.root.stop(Some("shutdown".into()));
         let _ = tokio::time::timeout(Duration::from_secs(5), self.accept_task).await;
         left
     }
 }
-
-/// The soft open-files limit, if the platform tells.
-pub fn nofile_limit() -> Option<u64> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass and nothing else.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0).then_some(r.rlim_cur)
-}
-
-/// Raises the soft open-files limit to the hard limit, as Go's runtime does
-/// for derper (many systems start services at a soft 1024), and returns the
-/// limit in force.
-pub fn raise_nofile_limit() -> Option<u64> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct we pass and nothing else.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return None;
-        }
-        if r.rlim_cur < r.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: r.rlim_max,
-                rlim_max: r.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                r.rlim_cur = r.rlim_max;
-            }
-        }
-    }
-    Some(r.rlim_cur)
-}
-
-/// Raises the open-files limit and makes `max_clients` fit in it: a cap the
-/// process cannot hold would turn into clients hanging in the accept backlog
-/// instead of the documented 503.
-fn fit_clients_to_descriptors(config: &mut Config) {
-    let Some(limit) = raise_nofile_limit() else {
-        return;
-    };
-    let room = limit.saturating_sub(NOFILE_RESERVE).max(1) as usize;
-    if config.max_clients == 0 || config.max_clients > room {
-        tracing::warn!(
-            nofile_limit = limit,
-            max_clients = config.max_clients,
-            clamped_to = room,
-            "max_clients does not fit the open-files limit; clamping (raise LimitNOFILE / ulimit -n to lift it)"
-        );
-        config.max_clients = room;
-    } else {
-        tracing::info!(
-            nofile_limit = limit,
-            max_clients = config.max_clients,
-            "open-files limit"
-        );
-    }
-}
-
-/// Descriptors the relay needs besides one per client: listener, metrics,
-/// files being written, the runtime, and some for clients still in the
-/// handshake or being refused.
-pub const NOFILE_RESERVE: u64 = 128;
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let sock = if addr.is_ipv4() {

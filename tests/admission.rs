@@ -273,7 +273,7 @@ async fn an_acl_or_tofu_crash_is_restarted_and_admission_keeps_working() {
 
     crash_and_await_restart(
         "ACL restarted",
-        || shared.acl_actor.get(),
+        || relay.relay().actors.acl.get(),
         AclMsg::CrashForTest,
     )
     .await;
@@ -287,7 +287,7 @@ async fn an_acl_or_tofu_crash_is_restarted_and_admission_keeps_working() {
 
     crash_and_await_restart(
         "TOFU restarted",
-        || shared.tofu.get(),
+        || relay.relay().actors.tofu.get(),
         TofuMsg::CrashForTest,
     )
     .await;

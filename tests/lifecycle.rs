@@ -5,21 +5,24 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use derp_relay::actors::connection::ConnMsg;
 use derp_relay::actors::registry::RegistryMsg;
+use derp_relay::conn::test_hooks::{self, Part};
 use derp_relay::metrics::RefuseReason;
 use derp_relay::protocol::frame::ServerFrame;
+use derp_relay::routing::ClientHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use ts_keys::NodeKeyPair;
 
-#[tokio::test]
-async fn a_panicking_connection_actor_closes_only_its_connection() {
+/// A panic in the connection's handler, reader or writer closes that one
+/// connection, deregisters it, and leaves the others relaying.
+async fn a_panic_costs_exactly_one_connection(inject: impl FnOnce(&ClientHandle)) {
     let relay = start_relay(|_| {}).await;
     let mut victim = RawClient::connect(relay.addr, Via::Derp).await;
     let (ka, kb) = (NodeKeyPair::random(), NodeKeyPair::random());
     let a = ts_client(relay.addr, Via::Ws, &ka).await;
     let b = ts_client(relay.addr, Via::Derp, &kb).await;
-    eventually("registered", || relay.relay().shared.clients.len() == 3).await;
+    let mut waker = RawClient::connect(relay.addr, Via::Ws).await;
+    eventually("registered", || relay.relay().shared.clients.len() == 4).await;
 
     let h = relay
         .relay()
@@ -27,19 +30,42 @@ async fn a_panicking_connection_actor_closes_only_its_connection() {
         .clients
         .active(&victim.key())
         .expect("victim registered");
-    h.actor.cast(ConnMsg::CrashForTest).unwrap();
-    assert!(victim.closed().await, "the crashed connection is closed");
-    eventually("panic counted", || {
-        relay.relay().metrics().connection_panics.get() == 1
-    })
-    .await;
+    inject(&h);
+    // Give the reader and writer a step to take: a packet to the victim
+    // wakes its writer, a ping from it wakes its reader.
+    waker.send_packet(&victim.key(), b"wake the writer").await;
+    victim.send_packet(&waker.key(), b"wake the reader").await;
+    // The wake-up packet may arrive before the close (when the writer is healthy).
+    loop {
+        match victim.recv_skip_keepalive().await {
+            None => break,
+            Some(ServerFrame::RecvPacket { .. }) => continue,
+            Some(other) => panic!("crashed connection sent {other:?}"),
+        }
+    }
     eventually("victim deregistered", || {
-        relay.relay().shared.clients.len() == 2
+        relay.relay().shared.clients.len() == 3
     })
     .await;
+    assert!(h.is_closed(), "torn down, not half alive");
 
     a.send_one(kb.public, b"still relaying").await.unwrap();
     assert_eq!(recv_ts(&b).await.1, b"still relaying");
+}
+
+#[tokio::test]
+async fn a_panicking_connection_handler_closes_only_its_connection() {
+    a_panic_costs_exactly_one_connection(|h| assert!(test_hooks::crash_handler(h))).await;
+}
+
+#[tokio::test]
+async fn a_panicking_reader_task_closes_only_its_connection() {
+    a_panic_costs_exactly_one_connection(|h| test_hooks::panic_in(h, Part::Reader)).await;
+}
+
+#[tokio::test]
+async fn a_panicking_writer_task_closes_only_its_connection() {
+    a_panic_costs_exactly_one_connection(|h| test_hooks::panic_in(h, Part::Writer)).await;
 }
 
 #[tokio::test]
@@ -48,10 +74,10 @@ async fn a_registry_crash_is_restarted_without_dropping_clients() {
     let (ka, kb) = (NodeKeyPair::random(), NodeKeyPair::random());
     let a = ts_client(relay.addr, Via::Ws, &ka).await;
     let b = ts_client(relay.addr, Via::Derp, &kb).await;
-    let shared = relay.relay().shared.clone();
+    let actors = relay.relay().actors.clone();
     crash_and_await_restart(
         "registry restarted",
-        || shared.registry.get(),
+        || actors.registry.get(),
         RegistryMsg::CrashForTest,
     )
     .await;
@@ -75,7 +101,7 @@ async fn a_registry_crash_is_restarted_without_dropping_clients() {
     // And leaving still deregisters.
     drop(a);
     eventually("a deregistered", || {
-        !shared.clients.is_connected(&public(&ka))
+        !relay.relay().shared.clients.is_connected(&public(&ka))
     })
     .await;
 }

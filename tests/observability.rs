@@ -98,10 +98,9 @@ async fn metrics_move_with_traffic_and_live_only_on_loopback() {
     );
 
     // The metrics actor survives a crash and serves again.
-    let shared = relay.relay().shared.clone();
     crash_and_await_restart(
         "metrics restarted",
-        || shared.metrics_actor.get(),
+        || relay.relay().actors.metrics.get(),
         MetricsMsg::CrashForTest,
     )
     .await;

@@ -14,9 +14,11 @@ use std::time::{Duration, Instant, SystemTime};
 use notify::{RecursiveMode, Watcher};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
+use super::Actors;
 use super::registry::RegistryMsg;
 use crate::admission::allowed_keys::{AclStatus, AllowedKeys};
-use crate::relay::Shared;
+use crate::reasons::CloseReason;
+use crate::state::Shared;
 
 /// The file is re-read once the directory has been quiet this long. Waiting
 /// for quiet (rather than reading this long after the first event) matters for
@@ -32,6 +34,7 @@ pub enum AclMsg {
     /// The debounce delay passed: re-read the file.
     Reload,
     /// Lets tests prove an ACL crash is survived.
+    #[cfg(feature = "test-hooks")]
     CrashForTest,
 }
 
@@ -39,6 +42,7 @@ pub struct AclActor;
 
 pub struct AclState {
     shared: Arc<Shared>,
+    actors: Arc<Actors>,
     path: PathBuf,
     reload_pending: bool,
     last_event: Instant,
@@ -48,12 +52,12 @@ pub struct AclState {
 impl Actor for AclActor {
     type Msg = AclMsg;
     type State = AclState;
-    type Arguments = (Arc<Shared>, PathBuf);
+    type Arguments = (Arc<Shared>, Arc<Actors>, PathBuf);
 
     async fn pre_start(
         &self,
         myself: ActorRef<AclMsg>,
-        (shared, path): (Arc<Shared>, PathBuf),
+        (shared, actors, path): (Arc<Shared>, Arc<Actors>, PathBuf),
     ) -> Result<AclState, ActorProcessingErr> {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -70,6 +74,7 @@ impl Actor for AclActor {
         let _ = myself.cast(AclMsg::Reload);
         Ok(AclState {
             shared,
+            actors,
             path,
             reload_pending: false,
             last_event: Instant::now(),
@@ -110,15 +115,16 @@ impl Actor for AclActor {
                     return Ok(());
                 }
                 st.reload_pending = false;
-                reload(&st.shared, &st.path);
+                reload(&st.shared, &st.actors, &st.path);
             }
+            #[cfg(feature = "test-hooks")]
             AclMsg::CrashForTest => panic!("ACL crash requested by a test"),
         }
         Ok(())
     }
 }
 
-fn reload(shared: &Shared, path: &Path) {
+fn reload(shared: &Shared, actors: &Actors, path: &Path) {
     let m = &shared.metrics;
     match AllowedKeys::load(path) {
         Ok(new) => {
@@ -141,9 +147,9 @@ fn reload(shared: &Shared, path: &Path) {
             // checked by the registry against the new set or evicted after it.
             shared.set_acl(Arc::new(new));
             if !removed.is_empty()
-                && let Some(reg) = shared.registry.get()
+                && let Some(reg) = actors.registry.get()
             {
-                let _ = reg.cast(RegistryMsg::Evict(removed, "acl_removed"));
+                let _ = reg.cast(RegistryMsg::Evict(removed, CloseReason::AclRemoved));
             }
         }
         Err(e) => {

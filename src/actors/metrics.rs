@@ -16,10 +16,11 @@ use prometheus::{Encoder, TextEncoder};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 
-use crate::relay::Shared;
+use crate::state::Shared;
 
 pub enum MetricsMsg {
     /// Lets tests prove a metrics crash is survived.
+    #[cfg(feature = "test-hooks")]
     CrashForTest,
 }
 
@@ -112,6 +113,7 @@ impl Actor for MetricsActor {
         _st: &mut MetricsState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            #[cfg(feature = "test-hooks")]
             MetricsMsg::CrashForTest => panic!("metrics crash requested by a test"),
         }
     }

@@ -9,255 +9,19 @@
 //! the active one (packets go to it); older ones stay open and are read from.
 //! If an older one sends, it becomes active again ("last writer is active").
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
-use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use super::connection::ConnMsg;
-use super::send_queue::{Control, SendQueue};
+use super::Actors;
 use super::tofu::TofuMsg;
-use crate::metrics::{DropReason, Metrics, RefuseReason, Transport};
+use crate::metrics::Metrics;
 use crate::protocol::{PeerGoneReason, PublicKey};
-use crate::relay::Shared;
-
-/// Receivers remembered per sender for PeerGone. A client that sprays packets
-/// at more peers than this simply stops being remembered for new ones.
-const MAX_SENT_TO: usize = 4096;
-
-/// One client connection as the rest of the relay sees it.
-pub struct ClientHandle {
-    pub key: PublicKey,
-    /// Unique per connection, so a reconnect under the same key is a new identity.
-    pub conn_id: u64,
-    pub transport: Transport,
-    pub remote: SocketAddr,
-    pub queue: SendQueue,
-    pub actor: ActorRef<ConnMsg>,
-    active: AtomicBool,
-    activity_requested: AtomicBool,
-    preferred: AtomicBool,
-    /// When the write in progress began (relay-relative ms), 0 when none is.
-    write_started_ms: AtomicU64,
-    /// Packets in the write in progress, counted as dropped if it never ends.
-    write_packets: AtomicU64,
-    /// Keys (and their connection) this client delivered packets to, told
-    /// PeerGone when this client leaves.
-    sent_to: Mutex<HashMap<PublicKey, u64>>,
-}
-
-impl ClientHandle {
-    pub fn new(
-        key: PublicKey,
-        conn_id: u64,
-        transport: Transport,
-        remote: SocketAddr,
-        queue_depth: usize,
-        actor: ActorRef<ConnMsg>,
-    ) -> Self {
-        ClientHandle {
-            key,
-            conn_id,
-            transport,
-            remote,
-            queue: SendQueue::new(queue_depth),
-            actor,
-            active: AtomicBool::new(false),
-            activity_requested: AtomicBool::new(false),
-            preferred: AtomicBool::new(false),
-            write_started_ms: AtomicU64::new(0),
-            write_packets: AtomicU64::new(0),
-            sent_to: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Marks a socket write as started at `now_ms` (never 0) with `packets` in it.
-    pub fn begin_write(&self, now_ms: u64, packets: u64) {
-        self.write_packets.store(packets, Ordering::Relaxed);
-        self.write_started_ms.store(now_ms, Ordering::Relaxed);
-    }
-
-    pub fn end_write(&self) {
-        self.write_started_ms.store(0, Ordering::Relaxed);
-    }
-
-    /// How long the write in progress has been blocked, if one is.
-    fn write_blocked_for(&self, now_ms: u64) -> Option<u64> {
-        match self.write_started_ms.load(Ordering::Relaxed) {
-            0 => None,
-            t => Some(now_ms.saturating_sub(t)),
-        }
-    }
-
-    pub fn is_active(&self) -> bool {
-        self.active.load(Ordering::Relaxed)
-    }
-
-    /// True once per inactive spell, so an inactive duplicate that keeps sending
-    /// asks the registry to reactivate it once, not once per packet.
-    pub fn should_request_activity(&self) -> bool {
-        !self.is_active() && !self.activity_requested.swap(true, Ordering::Relaxed)
-    }
-
-    fn set_active(&self, v: bool) {
-        self.active.store(v, Ordering::Relaxed);
-        self.activity_requested.store(false, Ordering::Relaxed);
-    }
-
-    /// Records NotePreferred; returns the previous value.
-    pub fn set_preferred(&self, v: bool) -> bool {
-        self.preferred.swap(v, Ordering::Relaxed)
-    }
-
-    pub fn note_sent_to(&self, dst: PublicKey, dst_conn: u64) {
-        let mut m = self.sent_to.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() < MAX_SENT_TO || m.contains_key(&dst) {
-            m.insert(dst, dst_conn);
-        }
-    }
-
-    fn take_sent_to(&self) -> HashMap<PublicKey, u64> {
-        std::mem::take(&mut *self.sent_to.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-struct KeySlot {
-    active: Arc<ClientHandle>,
-    /// Older connections for the same key, oldest first.
-    others: Vec<Arc<ClientHandle>>,
-}
-
-/// The routing table: key → connection. Read by everyone, written only by the
-/// registry actor.
-#[derive(Default)]
-pub struct Clients {
-    map: DashMap<PublicKey, KeySlot>,
-    connections: AtomicUsize,
-}
-
-impl Clients {
-    /// Hot path: queues `data` from `src` for `dst`'s active connection.
-    /// Returns the destination's connection id and, if the queue was full, the
-    /// reason for the packet that made room.
-    pub fn route(
-        &self,
-        src: PublicKey,
-        dst: &PublicKey,
-        data: Bytes,
-        disco: bool,
-    ) -> Result<(u64, Option<DropReason>), DropReason> {
-        let slot = self.map.get(dst).ok_or(DropReason::UnknownDest)?;
-        let h = &slot.active;
-        match h.queue.push_packet(src, data, disco) {
-            Ok(()) => Ok((h.conn_id, None)),
-            Err(DropReason::QueueHead) => Ok((h.conn_id, Some(DropReason::QueueHead))),
-            Err(r) => Err(r),
-        }
-    }
-
-    /// Connections currently registered, duplicates included.
-    pub fn len(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Distinct keys connected.
-    pub fn keys(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_connected(&self, key: &PublicKey) -> bool {
-        self.map.contains_key(key)
-    }
-
-    /// The active connection for `key`, if any.
-    pub fn active(&self, key: &PublicKey) -> Option<Arc<ClientHandle>> {
-        self.map.get(key).map(|s| s.active.clone())
-    }
-
-    fn for_each(&self, mut f: impl FnMut(&Arc<ClientHandle>)) {
-        for slot in self.map.iter() {
-            f(&slot.active);
-            slot.others.iter().for_each(&mut f);
-        }
-    }
-
-    /// Adds `h` as the active connection for its key; returns true if the key
-    /// was already connected.
-    fn insert(&self, h: Arc<ClientHandle>) -> bool {
-        self.connections.fetch_add(1, Ordering::Relaxed);
-        h.set_active(true);
-        match self.map.entry(h.key) {
-            dashmap::Entry::Occupied(mut e) => {
-                let slot = e.get_mut();
-                let old = std::mem::replace(&mut slot.active, h);
-                old.set_active(false);
-                slot.others.push(old);
-                true
-            }
-            dashmap::Entry::Vacant(e) => {
-                e.insert(KeySlot {
-                    active: h,
-                    others: Vec::new(),
-                });
-                false
-            }
-        }
-    }
-
-    /// Removes `h`; returns true if no connection for its key remains.
-    fn remove(&self, h: &ClientHandle) -> bool {
-        let dashmap::Entry::Occupied(mut e) = self.map.entry(h.key) else {
-            return false;
-        };
-        let slot = e.get_mut();
-        let found = if slot.active.conn_id == h.conn_id {
-            // The most recent remaining connection takes over.
-            match slot.others.pop() {
-                Some(next) => {
-                    next.set_active(true);
-                    slot.active = next;
-                }
-                None => {
-                    e.remove();
-                    self.connections.fetch_sub(1, Ordering::Relaxed);
-                    return true;
-                }
-            }
-            true
-        } else if let Some(i) = slot.others.iter().position(|o| o.conn_id == h.conn_id) {
-            slot.others.remove(i);
-            true
-        } else {
-            false
-        };
-        if found {
-            self.connections.fetch_sub(1, Ordering::Relaxed);
-        }
-        false
-    }
-
-    /// Makes `h` the active connection for its key (last writer is active).
-    fn activate(&self, h: &Arc<ClientHandle>) {
-        if let Some(mut slot) = self.map.get_mut(&h.key)
-            && let Some(i) = slot.others.iter().position(|o| o.conn_id == h.conn_id)
-        {
-            let me = slot.others.remove(i);
-            me.set_active(true);
-            let old = std::mem::replace(&mut slot.active, me);
-            old.set_active(false);
-            slot.others.push(old);
-        }
-    }
-}
+use crate::reasons::{CloseReason, DropReason, RefuseReason};
+use crate::routing::{ClientHandle, Clients, Control};
+use crate::state::Shared;
 
 /// Control messages for the registry. Never one per packet.
 pub enum RegistryMsg {
@@ -269,16 +33,14 @@ pub enum RegistryMsg {
     /// An inactive duplicate sent a packet.
     Activity(Arc<ClientHandle>),
     /// Disconnect these keys (e.g. removed from the ACL).
-    Evict(Vec<PublicKey>, &'static str),
+    Evict(Vec<PublicKey>, CloseReason),
     /// Time to send every client a KeepAlive.
     KeepAliveTick,
     /// Time to close clients whose socket write has been blocked past the
     /// write timeout (clients that stopped reading).
     WriteDeadlineTick,
-    /// The relay is stopping: tell every connection to go elsewhere. Replies
-    /// with how many were told.
-    GoingAway(RpcReplyPort<usize>),
     /// Lets tests prove that a registry crash is survived.
+    #[cfg(feature = "test-hooks")]
     CrashForTest,
 }
 
@@ -286,6 +48,7 @@ pub struct RegistryActor;
 
 pub struct RegistryState {
     shared: Arc<Shared>,
+    actors: Arc<Actors>,
     clients: Arc<Clients>,
     metrics: Arc<Metrics>,
 }
@@ -293,14 +56,15 @@ pub struct RegistryState {
 impl Actor for RegistryActor {
     type Msg = RegistryMsg;
     type State = RegistryState;
-    type Arguments = Arc<Shared>;
+    type Arguments = (Arc<Shared>, Arc<Actors>);
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        shared: Arc<Shared>,
+        (shared, actors): (Arc<Shared>, Arc<Actors>),
     ) -> Result<Self::State, ActorProcessingErr> {
         let args = RegistryState {
+            actors,
             clients: shared.clients.clone(),
             metrics: shared.metrics.clone(),
             shared,
@@ -316,7 +80,7 @@ impl Actor for RegistryActor {
         // connections that ended while we were down may have missed deregistering.
         let mut stale = Vec::new();
         args.clients.for_each(|h| {
-            if h.actor.get_status() > ractor::ActorStatus::Running {
+            if h.is_closed() {
                 stale.push(h.clone());
             }
         });
@@ -341,7 +105,7 @@ impl Actor for RegistryActor {
                         return Ok(());
                     }
                 };
-                if let Some(t) = st.shared.tofu.get() {
+                if let Some(t) = st.actors.tofu.get() {
                     let _ = t.cast(TofuMsg::Seen {
                         key: h.key,
                         label,
@@ -359,10 +123,8 @@ impl Actor for RegistryActor {
             RegistryMsg::Activity(h) => st.clients.activate(&h),
             RegistryMsg::Evict(keys, why) => {
                 for k in keys {
-                    if let Some(slot) = st.clients.map.get(&k) {
-                        for h in std::iter::once(&slot.active).chain(slot.others.iter()) {
-                            let _ = h.actor.cast(ConnMsg::Close(why));
-                        }
+                    for h in st.clients.connections_of(&k) {
+                        h.close(why);
                     }
                 }
             }
@@ -375,21 +137,14 @@ impl Actor for RegistryActor {
                         let lost = h.write_packets.swap(0, Ordering::Relaxed);
                         st.metrics.dropped(DropReason::WriteError).inc_by(lost);
                         tracing::debug!(target: "derp_relay::core", key = %h.key, "write timed out; client is not reading");
-                        let _ = h.actor.cast(ConnMsg::Close("write_timeout"));
+                        h.close(CloseReason::WriteTimeout);
                     }
                 });
             }
             RegistryMsg::KeepAliveTick => st.clients.for_each(|h| {
                 h.queue.push_control(Control::KeepAlive);
             }),
-            RegistryMsg::GoingAway(reply) => {
-                let mut n = 0;
-                st.clients.for_each(|h| {
-                    n += 1;
-                    let _ = h.actor.cast(ConnMsg::GoingAway);
-                });
-                let _ = reply.send(n);
-            }
+            #[cfg(feature = "test-hooks")]
             RegistryMsg::CrashForTest => panic!("registry crash requested by a test"),
         }
         Ok(())

@@ -16,11 +16,12 @@ use ractor::{
 };
 use tokio::sync::watch;
 
+use super::Actors;
 use super::acl::AclActor;
 use super::metrics::MetricsActor;
-use super::registry::{RegistryActor, RegistryMsg};
+use super::registry::RegistryActor;
 use super::tofu::TofuActor;
-use crate::relay::Shared;
+use crate::state::Shared;
 
 /// Restarts allowed within [`RESTART_WINDOW`] before the relay gives up.
 const RESTART_BUDGET: usize = 5;
@@ -61,12 +62,14 @@ pub struct RootSupervisor;
 
 pub struct RootArgs {
     pub shared: Arc<Shared>,
+    pub actors: Arc<Actors>,
     /// Set when the restart budget is spent; `main` exits on it.
     pub fatal: watch::Sender<Option<String>>,
 }
 
 pub struct RootState {
     shared: Arc<Shared>,
+    actors: Arc<Actors>,
     fatal: watch::Sender<Option<String>>,
     children: HashMap<ActorId, Child>,
     restarts: VecDeque<Instant>,
@@ -74,31 +77,33 @@ pub struct RootState {
 
 async fn spawn_child(
     shared: &Arc<Shared>,
+    actors: &Arc<Actors>,
     which: Child,
     root: ActorCell,
 ) -> Result<Option<ActorId>, ActorProcessingErr> {
     Ok(match which {
         Child::Registry => {
-            let (r, _) = Actor::spawn_linked(None, RegistryActor, shared.clone(), root).await?;
-            shared.registry.set(Some(r.clone()));
+            let (r, _) =
+                Actor::spawn_linked(None, RegistryActor, (shared.clone(), actors.clone()), root)
+                    .await?;
+            actors.registry.set(Some(r.clone()));
             Some(r.get_id())
         }
         Child::Metrics => {
             let (r, _) = Actor::spawn_linked(None, MetricsActor, shared.clone(), root).await?;
-            shared.metrics_actor.set(Some(r.clone()));
+            actors.metrics.set(Some(r.clone()));
             Some(r.get_id())
         }
         Child::Tofu => {
             let (r, _) = Actor::spawn_linked(None, TofuActor, shared.clone(), root).await?;
-            shared.tofu.set(Some(r.clone()));
+            actors.tofu.set(Some(r.clone()));
             Some(r.get_id())
         }
         Child::Acl => match &shared.config.allowed_keys_file {
             Some(path) => {
-                let (r, _) =
-                    Actor::spawn_linked(None, AclActor, (shared.clone(), path.clone()), root)
-                        .await?;
-                shared.acl_actor.set(Some(r.clone()));
+                let args = (shared.clone(), actors.clone(), path.clone());
+                let (r, _) = Actor::spawn_linked(None, AclActor, args, root).await?;
+                actors.acl.set(Some(r.clone()));
                 Some(r.get_id())
             }
             None => None, // open relay: nothing to watch
@@ -118,12 +123,13 @@ impl Actor for RootSupervisor {
     ) -> Result<RootState, ActorProcessingErr> {
         let mut children = HashMap::new();
         for which in [Child::Metrics, Child::Tofu, Child::Acl, Child::Registry] {
-            if let Some(id) = spawn_child(&a.shared, which, myself.get_cell()).await? {
+            if let Some(id) = spawn_child(&a.shared, &a.actors, which, myself.get_cell()).await? {
                 children.insert(id, which);
             }
         }
         Ok(RootState {
             shared: a.shared,
+            actors: a.actors,
             fatal: a.fatal,
             children,
             restarts: VecDeque::new(),
@@ -141,7 +147,7 @@ impl Actor for RootSupervisor {
                 if st.shared.is_draining() {
                     return Ok(());
                 }
-                match spawn_child(&st.shared, which, myself.get_cell()).await {
+                match spawn_child(&st.shared, &st.actors, which, myself.get_cell()).await {
                     Ok(Some(id)) => {
                         st.children.insert(id, which);
                     }
@@ -155,10 +161,14 @@ impl Actor for RootSupervisor {
                 }
             }
             RootMsg::GoingAway(reply) => {
-                let n = match st.shared.registry.get() {
-                    Some(r) => ractor::call_t!(r, RegistryMsg::GoingAway, 5_000).unwrap_or(0),
-                    None => 0,
-                };
+                // Straight onto every connection's queue: each writer flushes
+                // what is queued, says goodbye and closes; the relay awaits
+                // the count of live connections reaching zero.
+                let mut n = 0;
+                st.shared.clients.for_each(|h| {
+                    n += 1;
+                    h.queue.going_away();
+                });
                 let _ = reply.send(n);
             }
         }

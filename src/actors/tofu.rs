@@ -1,7 +1,7 @@
 //! The TOFU actor: decides when the bindings ("trust on first use") reach the
 //! disk, and applies the size and age bounds.
 //!
-//! The bindings live in [`Shared`](crate::relay::Shared) so admission
+//! The bindings live in [`Shared`](crate::state::Shared) so admission
 //! (`--tofu-lock`) reads them without a message and a restart of this actor
 //! loses nothing. Once a second the actor takes what changed under the lock
 //! (a few lines of JSON, or for a compaction a copy of the records), releases
@@ -19,7 +19,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::admission::bindings::{self, Bindings, EvictReason, unix_now};
 use crate::protocol::PublicKey;
-use crate::relay::Shared;
+use crate::state::Shared;
 
 const WRITE_EVERY: Duration = Duration::from_secs(1);
 /// Age and size bounds are applied this often (and after every new key over the cap).
@@ -39,6 +39,7 @@ pub enum TofuMsg {
     /// Write now if anything changed (shutdown); replies with the outcome.
     Flush(RpcReplyPort<Result<(), String>>),
     /// Lets tests prove a TOFU crash is survived.
+    #[cfg(feature = "test-hooks")]
     CrashForTest,
 }
 
@@ -153,6 +154,7 @@ impl Actor for TofuActor {
             TofuMsg::Flush(reply) => {
                 let _ = reply.send(st.write_changes().await);
             }
+            #[cfg(feature = "test-hooks")]
             TofuMsg::CrashForTest => panic!("TOFU crash requested by a test"),
         }
         Ok(())

@@ -111,6 +111,12 @@ pub fn bucket(ip: IpAddr, v6_prefix: u8) -> IpAddr {
     }
 }
 
+/// What the accept loop needs, besides the routes.
+pub struct FrontGate {
+    pub source: ClientIpSource,
+    pub pending: Arc<PendingLimit>,
+}
+
 /// The pending slot of one TCP connection, shared by its requests: the accept
 /// loop puts the slot there, and `/derp` takes it along into the handshake so
 /// the connection stays counted until the client has proven its key.

@@ -3,6 +3,7 @@
 
 pub mod client_addr;
 pub mod rate_limit;
+pub mod reply;
 pub mod routes;
 pub mod server;
 pub mod upgrade;

@@ -10,23 +10,26 @@ use warp::Filter;
 use warp::reply::Response;
 
 use super::PeerAddr;
+use super::client_addr::FrontGate;
 use super::client_addr::PendingCell;
-use super::server::FrontGate;
+use super::reply::text;
 use super::upgrade;
-use crate::relay::Shared;
+use crate::conn::ConnDeps;
+use crate::state::Shared;
 use subtle::ConstantTimeEq;
 
 pub fn routes(
-    shared: Arc<Shared>,
+    deps: Arc<ConnDeps>,
     gate: Arc<FrontGate>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let shared = deps.state.clone();
     let with_shared = {
         let s = shared.clone();
         warp::any().map(move || s.clone())
     };
     let derp = warp::path("derp")
         .and(warp::path::end())
-        .and(with_shared.clone())
+        .and(warp::any().map(move || deps.clone()))
         .and(warp::method())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
@@ -59,16 +62,6 @@ pub fn routes(
         .unify()
         .recover(|_| async { Ok::<_, Infallible>(text(StatusCode::NOT_FOUND, "not found\n")) })
         .unify()
-}
-
-pub fn text(status: StatusCode, body: &'static str) -> Response {
-    let mut r = Response::new(body.into());
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
 }
 
 /// Latency probes for clients without UDP: must be as cheap as possible.

@@ -17,10 +17,11 @@ use tokio::sync::watch;
 use tower_service::Service;
 
 use super::PeerAddr;
-use super::client_addr::{ClientIpSource, PendingCell, PendingLimit, bucket};
+use super::client_addr::{ClientIpSource, FrontGate, PendingCell, PendingLimit, bucket};
 use super::rate_limit::{IpRateLimit, SWEEP_EVERY};
-use crate::metrics::RefuseReason;
-use crate::relay::Shared;
+use crate::conn::ConnDeps;
+use crate::reasons::RefuseReason;
+use crate::state::Shared;
 
 /// Largest HTTP request head we buffer. A DERP upgrade's head is a few hundred
 /// bytes; hyper's default (about 400 KiB) would let each stranger hold that much.
@@ -28,13 +29,8 @@ const MAX_REQUEST_HEAD: usize = 16 << 10;
 /// At most one "out of descriptors" log line per this long.
 const EMFILE_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// What the accept loop needs, besides the routes.
-pub struct FrontGate {
-    pub source: ClientIpSource,
-    pub pending: Arc<PendingLimit>,
-}
-
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, deps: Arc<ConnDeps>, mut stop: watch::Receiver<bool>) {
+    let shared = deps.state.clone();
     let cfg = &shared.config;
     let source = ClientIpSource::choose(
         cfg.trust_proxy,
@@ -46,7 +42,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
         source,
         pending: PendingLimit::new(cfg.max_pending_per_ip, cfg.ipv6_prefix),
     });
-    let routes = super::routes::routes(shared.clone(), gate.clone());
+    let routes = super::routes::routes(deps.clone(), gate.clone());
     let svc = warp::service(routes);
     let limit = Arc::new(IpRateLimit::new(cfg.rate_limit, cfg.rate_burst));
     let sweeper = {
@@ -180,7 +176,7 @@ impl EmfileLog {
         shared.metrics.refused(RefuseReason::Descriptors);
         self.since += 1;
         if self.last.is_none_or(|t| t.elapsed() >= EMFILE_LOG_EVERY) {
-            let limit = crate::relay::nofile_limit().map_or("unknown".into(), |l| l.to_string());
+            let limit = crate::limits::nofile_limit().map_or("unknown".into(), |l| l.to_string());
             tracing::error!(
                 refused = self.since,
                 nofile_limit = %limit,
@@ -206,7 +202,7 @@ async fn refuse_raw(mut s: TcpStream, status: &str, body: &str) {
 }
 
 fn too_many_requests(wait: Duration) -> warp::reply::Response {
-    let mut r = super::routes::text(
+    let mut r = super::reply::text(
         StatusCode::TOO_MANY_REQUESTS,
         "too many requests from your address\n",
     );

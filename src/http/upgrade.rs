@@ -17,18 +17,18 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use warp::reply::Response;
 
 use super::PeerAddr;
+use super::client_addr::FrontGate;
 use super::client_addr::{PendingCell, PendingGuard};
-use super::routes::text;
-use super::server::FrontGate;
-use crate::actors::connection;
-use crate::actors::preauth::PreAuth;
-use crate::metrics::{RefuseReason, Transport};
+use super::reply::text;
+use crate::conn::preauth::PreAuth;
+use crate::conn::{self, ConnDeps};
 use crate::protocol::frame::MAX_PACKET_SIZE;
+use crate::reasons::{RefuseReason, Transport};
 
 /// Largest WebSocket message from an authenticated client: four maximal
 /// SendPacket frames.
 const MAX_WS_MESSAGE: usize = 4 * (MAX_PACKET_SIZE + 64);
-use crate::relay::{ClientSlot, Shared};
+use crate::state::ClientSlot;
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
@@ -56,7 +56,7 @@ fn ws_config() -> WebSocketConfig {
 }
 
 pub fn handle(
-    shared: Arc<Shared>,
+    deps: Arc<ConnDeps>,
     method: Method,
     headers: HeaderMap,
     on_upgrade: Option<OnUpgrade>,
@@ -64,6 +64,7 @@ pub fn handle(
     cell: Option<PendingCell>,
     gate: Arc<FrontGate>,
 ) -> Response {
+    let shared = &deps.state;
     if method != Method::GET && method != Method::POST {
         // ts_derp upgrades with POST, Tailscale's Go client with GET.
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
@@ -155,14 +156,19 @@ pub fn handle(
         }
     }
     tokio::spawn(run_upgraded(
-        on_upgrade, shared, remote, transport, slot, pending,
+        on_upgrade,
+        deps.clone(),
+        remote,
+        transport,
+        slot,
+        pending,
     ));
     resp
 }
 
 async fn run_upgraded(
     on_upgrade: OnUpgrade,
-    shared: Arc<Shared>,
+    deps: Arc<ConnDeps>,
     remote: SocketAddr,
     transport: Transport,
     slot: ClientSlot,
@@ -180,5 +186,5 @@ async fn run_upgraded(
         Transport::Derp => PreAuth::derp(io),
         Transport::WebSocket => PreAuth::websocket(io),
     };
-    connection::accept(io, ws_config(), shared, remote, transport, slot, pending).await;
+    conn::accept(io, ws_config(), deps, remote, transport, slot, pending).await;
 }

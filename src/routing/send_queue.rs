@@ -13,8 +13,8 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::metrics::DropReason;
 use crate::protocol::{PeerGoneReason, PublicKey};
+use crate::reasons::DropReason;
 
 /// Control frames kept per client before the oldest is dropped; they are tiny
 /// and only pile up when a client stops reading.

@@ -1,0 +1,157 @@
+//! The connection actor: owns one client's reader and writer tasks and
+//! handles its control messages (GoingAway, Close).
+//!
+//! When it ends for any reason, including a panic in its handler, dropping its
+//! state aborts both tasks, closes the socket and deregisters the client; a
+//! panic inside either task is caught by [`guarded`] and closes the connection
+//! the same way. A fault costs exactly one connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinHandle;
+
+use super::reader::read_loop;
+use super::transport::{ConnReader, ConnWriter};
+use super::writer::write_loop;
+use super::{ConnDeps, ConnMsg};
+use crate::protocol::{ClientInfo, PublicKey};
+use crate::reasons::{CloseReason, DropReason, Transport};
+use crate::routing::ClientHandle;
+use crate::state::ClientSlot;
+
+pub struct ConnectionActor;
+
+pub struct ConnArgs {
+    pub(super) deps: Arc<ConnDeps>,
+    pub(super) key: PublicKey,
+    pub(super) info: ClientInfo,
+    pub(super) remote: SocketAddr,
+    pub(super) transport: Transport,
+    pub(super) reader: ConnReader,
+    pub(super) writer: ConnWriter,
+    pub(super) read_buf: BytesMut,
+    pub(super) server_info: BytesMut,
+    pub(super) slot: ClientSlot,
+}
+
+pub struct ConnState {
+    handle: Arc<ClientHandle>,
+    deps: Arc<ConnDeps>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+    _slot: ClientSlot,
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+        let lost = self.handle.queue.close();
+        self.handle.mark_closed();
+        #[cfg(feature = "test-hooks")]
+        super::test_hooks::ended(&self.handle);
+        self.deps
+            .state
+            .metrics
+            .dropped(DropReason::GoneDisconnected)
+            .inc_by(lost as u64);
+        self.deps.registrar.deregister(self.handle.clone());
+        tracing::debug!(target: "derp_relay::core", key = %self.handle.key, conn = self.handle.conn_id, "client disconnected");
+    }
+}
+
+impl Actor for ConnectionActor {
+    type Msg = ConnMsg;
+    type State = ConnState;
+    type Arguments = ConnArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ConnMsg>,
+        mut a: ConnArgs,
+    ) -> Result<ConnState, ActorProcessingErr> {
+        let deps = a.deps;
+        let shared = deps.state.clone();
+        let me = myself.clone();
+        let handle = Arc::new(ClientHandle::new(
+            a.key,
+            shared.next_conn_id(),
+            a.transport,
+            a.remote,
+            shared.config.queue_depth,
+            Box::new(move |why| {
+                let _ = me.cast(ConnMsg::Close(why));
+            }),
+        ));
+        if let Err(reason) = deps.registrar.register(handle.clone()).await? {
+            shared.metrics.refused(reason);
+            tracing::info!(target: "derp_relay::admission", key = %a.key, remote = %a.remote, reason = reason.as_str(), "client refused");
+            a.writer.refuse(reason.as_str()).await;
+            return Err(reason.as_str().into());
+        }
+        tracing::debug!(
+            target: "derp_relay::core",
+            key = %a.key, conn = handle.conn_id, remote = %a.remote,
+            transport = a.transport.as_str(), version = a.info.version,
+            "client connected"
+        );
+        let writer = tokio::spawn(guarded(
+            handle.clone(),
+            write_loop(a.writer, a.server_info, handle.clone(), shared.clone()),
+        ));
+        let reader = tokio::spawn(guarded(
+            handle.clone(),
+            read_loop(a.reader, a.read_buf, handle.clone(), deps.clone()),
+        ));
+        #[cfg(feature = "test-hooks")]
+        super::test_hooks::started(&handle, myself.clone());
+        Ok(ConnState {
+            handle,
+            deps,
+            reader,
+            writer,
+            _slot: a.slot,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ConnMsg>,
+        msg: ConnMsg,
+        st: &mut ConnState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ConnMsg::GoingAway => st.handle.queue.going_away(),
+            ConnMsg::Close(why) => {
+                st.deps
+                    .state
+                    .metrics
+                    .disconnects
+                    .with_label_values(&[why.as_str()])
+                    .inc();
+                tracing::debug!(target: "derp_relay::core", key = %st.handle.key, cause = why.as_str(), "closing connection");
+                myself.stop(Some(why.as_str().into()));
+            }
+            #[cfg(feature = "test-hooks")]
+            ConnMsg::CrashForTest => panic!("connection crash requested by a test"),
+        }
+        Ok(())
+    }
+}
+
+/// Runs one of a connection's tasks; however it ends, including by a panic,
+/// the connection is closed (the first reason given wins).
+async fn guarded(h: Arc<ClientHandle>, task: impl Future<Output = CloseReason>) {
+    let why = std::panic::AssertUnwindSafe(task)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            tracing::error!(target: "derp_relay::core", key = %h.key, "connection task panicked; closing this connection");
+            CloseReason::Panic
+        });
+    h.close(why);
+}

@@ -1,0 +1,66 @@
+//! One client connection, from the upgraded stream to its close: the bounded
+//! pre-authentication phase and handshake (`accept`, `preauth`), the actor that
+//! owns the connection, its reader and writer tasks, and the two transports
+//! behind one reader and one writer type.
+//!
+//! This layer sits on `routing` (where packets go), `state` and `protocol`. It
+//! does not know the actors: registration goes through [`Registrar`], which
+//! the relay implements over the registry actor, and the supervisor to link
+//! connection actors to is handed in.
+
+pub mod accept;
+pub mod actor;
+pub mod preauth;
+pub mod read_ahead;
+pub mod reader;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
+pub mod transport;
+pub mod writer;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+
+use ractor::ActorCell;
+
+use crate::reasons::{CloseReason, RefuseReason};
+use crate::routing::ClientHandle;
+use crate::state::Shared;
+
+pub use accept::accept;
+
+/// A registration's outcome: admitted, refused for a reason, or the registry
+/// could not be asked.
+pub type Registered =
+    Pin<Box<dyn Future<Output = Result<Result<(), RefuseReason>, String>> + Send>>;
+
+/// How a connection registers with the routing table's single writer.
+pub trait Registrar: Send + Sync {
+    /// Admission and registration of a proven key.
+    fn register(&self, h: Arc<ClientHandle>) -> Registered;
+    /// The connection ended.
+    fn deregister(&self, h: Arc<ClientHandle>);
+    /// An inactive duplicate sent a packet (last writer becomes active).
+    fn activity(&self, h: Arc<ClientHandle>);
+}
+
+/// What every connection uses.
+pub struct ConnDeps {
+    pub state: Arc<Shared>,
+    pub registrar: Arc<dyn Registrar>,
+    /// The supervisor connection actors are linked to (set once it runs).
+    pub supervisor: OnceLock<ActorCell>,
+}
+
+/// Control messages for a connection actor.
+#[derive(Debug)]
+pub enum ConnMsg {
+    /// The relay is stopping: flush, say goodbye, close.
+    GoingAway,
+    /// Close now, for the given reason (logged and counted).
+    Close(CloseReason),
+    /// Lets tests prove that a panicking connection is contained.
+    #[cfg(feature = "test-hooks")]
+    CrashForTest,
+}

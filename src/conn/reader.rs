@@ -1,0 +1,187 @@
+//! The reader task: decodes the client's frames and routes packets straight
+//! into the destination's queue through the shared routing table. No actor
+//! message per packet; counters are published once per read.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+use super::ConnDeps;
+use super::transport::ConnReader;
+use crate::protocol::frame::{self, FrameType};
+use crate::protocol::{ClientFrame, FrameError, PeerGoneReason, PublicKey};
+use crate::reasons::{CloseReason, DropReason};
+use crate::routing::{ClientHandle, Control};
+
+/// Smallest read reservation; idle clients settle here, busy ones grow.
+const MIN_READ: usize = 1024;
+const MAX_READ: usize = 64 << 10;
+/// Packets routed in a row after which the reader lets writers run; well under
+/// the default queue depth, so a one-to-one flow does not overflow it.
+const YIELD_AFTER: u64 = 16;
+/// PeerGone(NotHere) answers per sender: burst, then one per second.
+const NOT_HERE_BURST: f64 = 3.0;
+
+/// Token bucket for PeerGone(NotHere) answers, refilled at 1/s.
+struct NotHereLimit {
+    tokens: f64,
+    at: Instant,
+}
+
+impl NotHereLimit {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64()).min(NOT_HERE_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub(super) async fn read_loop(
+    mut rd: ConnReader,
+    mut buf: BytesMut,
+    h: Arc<ClientHandle>,
+    deps: Arc<ConnDeps>,
+) -> CloseReason {
+    read_frames(&mut rd, &mut buf, &h, &deps).await
+}
+
+async fn read_frames(
+    rd: &mut ConnReader,
+    buf: &mut BytesMut,
+    h: &Arc<ClientHandle>,
+    deps: &ConnDeps,
+) -> CloseReason {
+    let shared = &deps.state;
+    let m = &shared.metrics;
+    let mut hint = MIN_READ;
+    // The last destination recorded for PeerGone, to skip the lock when a
+    // client keeps sending to the same peer.
+    let mut last_dst: Option<(PublicKey, u64)> = None;
+    let mut not_here = NotHereLimit {
+        tokens: NOT_HERE_BURST,
+        at: Instant::now(),
+    };
+    // Counted locally and published once per read: one shared atomic add per
+    // read instead of per packet.
+    let mut routed = 0u64;
+    let mut received = 0u64;
+    loop {
+        loop {
+            if routed >= YIELD_AFTER {
+                m.packets_routed.inc_by(routed);
+                m.bytes_received.inc_by(received);
+                (routed, received) = (0, 0);
+                // Writers this reader woke wait in this worker's run queue (tokio
+                // runs a woken task after the waker yields). Without a yield a
+                // busy sender routes packet after packet while their queues
+                // overflow.
+                tokio::task::yield_now().await;
+            }
+            let f = match frame::decode_frame(buf, frame::client_frame_limit) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    if let FrameError::TooLarge { frame_type, .. } = e
+                        && frame_type == FrameType::SendPacket as u8
+                    {
+                        m.dropped(DropReason::TooLarge).inc();
+                    }
+                    tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "bad frame");
+                    return CloseReason::BadFrame;
+                }
+            };
+            let f = match ClientFrame::parse(f) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "bad frame");
+                    return CloseReason::BadFrame;
+                }
+            };
+            match f {
+                ClientFrame::SendPacket { dst, packet } => {
+                    received += packet.len() as u64;
+                    if h.should_request_activity() {
+                        deps.registrar.activity(h.clone());
+                    }
+                    let disco = frame::is_disco(&packet);
+                    match shared.clients.route(h.key, &dst, packet, disco) {
+                        Ok((dst_conn, head_drop)) => {
+                            routed += 1;
+                            if let Some(r) = head_drop {
+                                m.dropped(r).inc();
+                            }
+                            if last_dst != Some((dst, dst_conn)) {
+                                h.note_sent_to(dst, dst_conn);
+                                last_dst = Some((dst, dst_conn));
+                            }
+                        }
+                        Err(r) => {
+                            m.dropped(r).inc();
+                            if r == DropReason::UnknownDest && disco && not_here.take() {
+                                h.queue
+                                    .push_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
+                            }
+                        }
+                    }
+                }
+                ClientFrame::Ping(data) => {
+                    h.queue.push_control(Control::Pong(data));
+                }
+                ClientFrame::NotePreferred(p) => {
+                    let was = h.set_preferred(p);
+                    if p && !was {
+                        m.clients_home.inc();
+                    } else if !p && was {
+                        m.clients_home.dec();
+                    }
+                }
+                ClientFrame::Pong(_) | ClientFrame::Unknown(_) => {}
+                // Mesh frames from a client that did not present the mesh key.
+                ClientFrame::WatchConns
+                | ClientFrame::ClosePeer(_)
+                | ClientFrame::ForwardPacket { .. } => {
+                    tracing::info!(target: "derp_relay::core", key = %h.key, "mesh frame from a non-mesh client");
+                    return CloseReason::MeshFrameFromClient;
+                }
+            }
+        }
+        m.packets_routed.inc_by(routed);
+        m.bytes_received.inc_by(received);
+        (routed, received) = (0, 0);
+        let idle = buf.is_empty() && hint == MIN_READ;
+        if buf.is_empty() && (idle || buf.capacity() > 4 * hint) {
+            // Nothing pending: hold no buffer while waiting. Most clients are
+            // idle most of the time, and this is most of what one costs.
+            *buf = BytesMut::new();
+        }
+        #[cfg(feature = "test-hooks")]
+        super::test_hooks::check(h, super::test_hooks::Part::Reader);
+        let want = frame::bytes_needed(buf).max(hint);
+        let read = if idle {
+            rd.read_first(buf).await
+        } else {
+            rd.read_some(buf, want).await
+        };
+        match read {
+            Ok(0) => return CloseReason::Eof,
+            Ok(n) => {
+                if n >= want {
+                    hint = (hint * 2).min(MAX_READ);
+                } else if n < hint / 4 {
+                    hint = (hint / 2).max(MIN_READ);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "read failed");
+                return CloseReason::ReadError;
+            }
+        }
+    }
+}

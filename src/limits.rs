@@ -1,0 +1,70 @@
+//! The process's open-files limit: raised at start, and what `max_clients`
+//! must fit in.
+
+use crate::config::Config;
+
+/// The soft open-files limit, if the platform tells.
+pub fn nofile_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0).then_some(r.rlim_cur)
+}
+
+/// Raises the soft open-files limit to the hard limit, as Go's runtime does
+/// for derper (many systems start services at a soft 1024), and returns the
+/// limit in force.
+pub fn raise_nofile_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass and nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return None;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                r.rlim_cur = r.rlim_max;
+            }
+        }
+    }
+    Some(r.rlim_cur)
+}
+
+/// Raises the open-files limit and makes `max_clients` fit in it: a cap the
+/// process cannot hold would turn into clients hanging in the accept backlog
+/// instead of the documented 503.
+pub fn fit_clients_to_descriptors(config: &mut Config) {
+    let Some(limit) = raise_nofile_limit() else {
+        return;
+    };
+    let room = limit.saturating_sub(NOFILE_RESERVE).max(1) as usize;
+    if config.max_clients == 0 || config.max_clients > room {
+        tracing::warn!(
+            nofile_limit = limit,
+            max_clients = config.max_clients,
+            clamped_to = room,
+            "max_clients does not fit the open-files limit; clamping (raise LimitNOFILE / ulimit -n to lift it)"
+        );
+        config.max_clients = room;
+    } else {
+        tracing::info!(
+            nofile_limit = limit,
+            max_clients = config.max_clients,
+            "open-files limit"
+        );
+    }
+}
+
+/// Descriptors the relay needs besides one per client: listener, metrics,
+/// files being written, the runtime, and some for clients still in the
+/// handshake or being refused.
+pub const NOFILE_RESERVE: u64 = 128;

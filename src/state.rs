@@ -1,0 +1,147 @@
+//! What the running relay shares: its settings and identity, the routing
+//! table, admission state (allowed keys, bindings), counters, and the
+//! draining flag. Nothing here knows the actors or the HTTP front; each part
+//! is handed what it uses.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::admission::allowed_keys::{AclStatus, AllowedKeys};
+use crate::admission::bindings::Bindings;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::protocol::{PublicKey, ServerSecret};
+use crate::reasons::RefuseReason;
+use crate::routing::Clients;
+
+/// State every part of the relay reads. Written only where noted.
+pub struct Shared {
+    pub config: Config,
+    pub secret: ServerSecret,
+    pub metrics: Arc<Metrics>,
+    pub clients: Arc<Clients>,
+    /// Set once when a graceful stop begins: refuse new clients, /healthz says draining.
+    pub draining: Arc<AtomicBool>,
+    /// The allowed-keys set in force (`None` on an open relay). Swapped whole by the ACL actor.
+    acl: RwLock<Option<Arc<AllowedKeys>>>,
+    acl_status: RwLock<AclStatus>,
+    /// TOFU bindings; the TOFU actor writes them to disk.
+    pub bindings: std::sync::Mutex<Bindings>,
+    conn_ids: AtomicU64,
+    /// Upgraded connections in handshake or registered, for `max_clients`;
+    /// a drain waits for it to reach zero.
+    slots: watch::Sender<usize>,
+    pub started: Instant,
+}
+
+impl Shared {
+    pub fn new(
+        config: Config,
+        secret: ServerSecret,
+        acl: Option<AllowedKeys>,
+        bindings: Bindings,
+    ) -> Self {
+        let metrics = Metrics::new();
+        metrics.max_clients.set(config.max_clients as i64);
+        metrics
+            .acl_keys
+            .set(acl.as_ref().map_or(0, |a| a.len() as i64));
+        metrics.tofu_bindings.set(bindings.len() as i64);
+        Shared {
+            acl: RwLock::new(acl.map(Arc::new)),
+            acl_status: RwLock::new(AclStatus {
+                last_reload: Some(std::time::SystemTime::now()),
+                last_error: None,
+            }),
+            bindings: std::sync::Mutex::new(bindings),
+            config,
+            secret,
+            metrics: Arc::new(metrics),
+            clients: Arc::new(Clients::default()),
+            draining: Arc::new(AtomicBool::new(false)),
+            conn_ids: AtomicU64::new(1),
+            slots: watch::Sender::new(0),
+            started: Instant::now(),
+        }
+    }
+
+    /// The allowed-keys set in force, or `None` on an open relay.
+    pub fn acl(&self) -> Option<Arc<AllowedKeys>> {
+        self.acl.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_acl(&self, a: Arc<AllowedKeys>) {
+        *self.acl.write().unwrap_or_else(|p| p.into_inner()) = Some(a);
+    }
+
+    pub fn acl_status(&self) -> AclStatus {
+        self.acl_status
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_acl_status(&self, s: AclStatus) {
+        *self.acl_status.write().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// Milliseconds since the relay started, plus one so it is never 0.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64 + 1
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Reserves room for one more client under `max_clients` (0 = no cap).
+    pub fn try_client_slot(self: &Arc<Self>) -> Option<ClientSlot> {
+        let cap = self.config.max_clients;
+        let taken = self.slots.send_if_modified(|n| {
+            if cap != 0 && *n >= cap {
+                return false;
+            }
+            *n += 1;
+            true
+        });
+        taken.then(|| ClientSlot(self.clone()))
+    }
+
+    /// Resolves once no connection holds a client slot.
+    pub async fn all_connections_gone(&self) {
+        let mut rx = self.slots.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Admission of a proven key: the ACL (if any), then `--tofu-lock`.
+    /// Returns the key's ACL label. Called by the registry as it registers the
+    /// client, so an ACL reload cannot slip between check and registration.
+    pub fn admit(&self, key: &PublicKey) -> Result<Option<Arc<str>>, RefuseReason> {
+        if self.is_draining() {
+            return Err(RefuseReason::ShuttingDown);
+        }
+        let acl = self.acl();
+        crate::admission::admit(key, acl.as_deref(), self.config.tofu_lock, |k| {
+            self.bindings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(k)
+        })
+    }
+}
+
+/// One unit of `max_clients`, released when the connection ends however it ends.
+pub struct ClientSlot(Arc<Shared>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.slots.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
