@@ -1,0 +1,114 @@
+//! `deploy/docker-compose.yml`: the relay service's command, environment,
+//! ports, healthcheck, grace period, limits and volumes against the relay, the
+//! metrics bridge's forwarding, and the Caddy service's upstream.
+
+use std::collections::BTreeMap;
+
+use crate::common::{
+    arg_value, check_env, env_names_in, get, help_flags, load_args, read, secs, str_of, strings,
+    yaml,
+};
+
+#[test]
+fn compose_file_matches_the_relay() {
+    let c = yaml("deploy/docker-compose.yml");
+    let relay = get(&c, &["services", "derp-relay"]);
+    let cmd = strings(get(relay, &["command"]));
+    let config = load_args("compose derp-relay command", &cmd);
+    let port = config.listen_addr().unwrap().port();
+    assert!(config.metrics_port > 0, "compose serves metrics");
+
+    let env: BTreeMap<String, String> = get(relay, &["environment"])
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (str_of(k), str_of(v)))
+        .collect();
+    check_env("compose environment", &env);
+    for name in env_names_in(&read("deploy/docker-compose.yml")) {
+        check_env("compose text", &BTreeMap::from([(name, String::new())]));
+    }
+
+    // host:container mappings
+    let ports: Vec<(String, u16)> = strings(get(relay, &["ports"]))
+        .iter()
+        .map(|p| {
+            let (host, container) = p.rsplit_once(':').unwrap();
+            (host.to_owned(), container.parse().unwrap())
+        })
+        .collect();
+    assert!(
+        ports.iter().any(|(_, c)| *c == port),
+        "compose publishes the relay's port {port}"
+    );
+    let bridge = get(&c, &["services", "metrics-bridge"]);
+    assert_eq!(
+        str_of(get(bridge, &["network_mode"])),
+        "service:derp-relay",
+        "the bridge must share the relay's network namespace to reach its loopback"
+    );
+    let socat = strings(get(bridge, &["command"]));
+    let listen: u16 = socat
+        .iter()
+        .find_map(|a| a.strip_prefix("TCP-LISTEN:"))
+        .and_then(|a| a.split(',').next())
+        .and_then(|p| p.parse().ok())
+        .expect("socat listens");
+    let target = socat
+        .iter()
+        .find_map(|a| a.strip_prefix("TCP:127.0.0.1:"))
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("socat forwards to loopback");
+    assert_eq!(
+        target, config.metrics_port,
+        "the bridge forwards to --metrics-port"
+    );
+    assert!(
+        ports
+            .iter()
+            .any(|(h, c)| *c == listen && h.starts_with("127.0.0.1:")),
+        "metrics published on the host's loopback only"
+    );
+    assert!(
+        !ports.iter().any(|(_, c)| *c == config.metrics_port),
+        "publishing --metrics-port itself reaches nothing: the relay binds it to loopback"
+    );
+
+    let hc = strings(get(relay, &["healthcheck", "test"]));
+    assert_eq!(hc[..3], ["CMD", "/usr/local/bin/derp-relay", "healthcheck"]);
+    let hc_flags = help_flags(&["healthcheck"]);
+    for f in hc.iter().filter(|a| a.starts_with("--")) {
+        assert!(hc_flags.contains(f), "compose healthcheck: no flag {f}");
+    }
+    if let Some(url) = arg_value(&hc, "--url") {
+        assert!(
+            url.contains(&format!(":{port}/healthz")),
+            "healthcheck URL {url} is on port {port}"
+        );
+    }
+    let grace = secs(&str_of(get(relay, &["stop_grace_period"])));
+    assert!(grace > config.shutdown_timeout, "stop_grace_period > drain");
+    assert_eq!(str_of(get(relay, &["mem_limit"])), "256m");
+    assert_eq!(str_of(get(relay, &["restart"])), "unless-stopped");
+    let vols = strings(get(relay, &["volumes"]));
+    let keys_dir = config
+        .allowed_keys_file
+        .as_ref()
+        .and_then(|p| p.parent())
+        .unwrap();
+    assert!(
+        vols.iter()
+            .any(|v| v.contains(&format!(":{}:ro", keys_dir.display()))),
+        "the allowed-keys directory is mounted read-only"
+    );
+    assert!(
+        vols.iter()
+            .any(|v| v.ends_with(&format!(":{}", config.data_dir.display()))),
+        "the data dir is a volume"
+    );
+    let caddy_up = str_of(get(
+        &c,
+        &["services", "caddy", "environment", "DERP_UPSTREAM"],
+    ));
+    assert_eq!(caddy_up, format!("derp-relay:{port}"));
+}
