@@ -46,11 +46,11 @@ pub fn crash_handler(h: &ClientHandle) -> bool {
 }
 
 /// Makes the connection's reader or writer panic at its next step.
-pub fn panic_in(conn_id: u64, part: Part) {
+pub fn panic_in(h: &ClientHandle, part: Part) {
     PANIC
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .push((conn_id, part));
+        .push(((h.key, h.conn_id), part));
 }
 
 pub(crate) fn check(h: &ClientHandle, part: Part) {
