@@ -4,6 +4,7 @@
 pub mod actors;
 pub mod client;
 pub mod config;
+pub mod edge;
 pub mod http;
 pub mod metrics;
 pub mod protocol;
