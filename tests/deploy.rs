@@ -222,6 +222,13 @@ fn port_of(addr: &str) -> u16 {
     .port()
 }
 
+/// The port of a `stun_addr`, which may name a host (`fly-global-services:3478`).
+fn stun_port_of(addr: &str) -> u16 {
+    addr.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("stun_addr {addr:?} has no port"))
+}
+
 fn secs(text: &str) -> Duration {
     humantime::parse_duration(text.trim()).unwrap_or_else(|e| panic!("{text:?}: {e}"))
 }
@@ -461,6 +468,29 @@ fn fly_toml_matches_the_image_and_the_relay() {
             == config.allowed_keys_file.as_deref()),
         "[[files]] writes the --allowed-keys-file the image reads"
     );
+    // STUN: a UDP service to the port the relay binds on fly-global-services.
+    let stun_addr = env
+        .get("DERP_RELAY_STUN_ADDR")
+        .expect("fly.toml sets DERP_RELAY_STUN_ADDR");
+    assert!(
+        stun_addr.starts_with("fly-global-services:"),
+        "Fly delivers UDP only to fly-global-services"
+    );
+    let udp = fly["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["protocol"].as_str() == Some("udp"))
+        .expect("a UDP [[services]] for STUN");
+    assert_eq!(
+        udp["internal_port"].as_integer(),
+        Some(i64::from(stun_port_of(stun_addr)))
+    );
+    assert_eq!(
+        udp["ports"][0]["port"].as_integer(),
+        Some(3478),
+        "clients use STUN port 3478 (the derpmap default)"
+    );
     let vm = &fly["vm"].as_array().unwrap()[0];
     assert_eq!(vm["memory"].as_str(), Some("256mb"));
     assert_eq!(vm["size"].as_str(), Some("shared-cpu-1x"));
@@ -488,13 +518,27 @@ fn compose_file_matches_the_relay() {
         check_env("compose text", &BTreeMap::from([(name, String::new())]));
     }
 
-    // host:container mappings
-    let ports: Vec<(String, u16)> = strings(get(relay, &["ports"]))
+    // host:container[/udp] mappings
+    let all_ports: Vec<(String, u16, bool)> = strings(get(relay, &["ports"]))
         .iter()
         .map(|p| {
             let (host, container) = p.rsplit_once(':').unwrap();
-            (host.to_owned(), container.parse().unwrap())
+            let (container, udp) = match container.strip_suffix("/udp") {
+                Some(c) => (c, true),
+                None => (container, false),
+            };
+            (host.to_owned(), container.parse().unwrap(), udp)
         })
+        .collect();
+    let stun_port = stun_port_of(&config.stun_addr);
+    assert!(
+        config.stun && all_ports.iter().any(|(_, c, udp)| *udp && *c == stun_port),
+        "compose publishes STUN on UDP {stun_port}"
+    );
+    let ports: Vec<(String, u16)> = all_ports
+        .into_iter()
+        .filter(|(_, _, udp)| !udp)
+        .map(|(h, c, _)| (h, c))
         .collect();
     assert!(
         ports.iter().any(|(_, c)| *c == port),
@@ -781,6 +825,27 @@ fn kubernetes_manifests_match_the_relay_and_each_other() {
         str_of(get(&get(&lb, &["spec", "ports"])[0], &["targetPort"])),
         "http"
     );
+    // STUN: the container's UDP port is the relay's, and the LB forwards it.
+    assert!(config.stun);
+    let stun = get(relay, &["ports"])
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| str_of(get(p, &["name"])) == "stun")
+        .expect("container port named stun");
+    assert_eq!(
+        get(stun, &["containerPort"]).as_u64(),
+        Some(u64::from(stun_port_of(&config.stun_addr)))
+    );
+    assert_eq!(str_of(get(stun, &["protocol"])), "UDP");
+    let lb_stun = get(&lb, &["spec", "ports"])
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| str_of(get(p, &["targetPort"])) == "stun")
+        .expect("the LoadBalancer forwards STUN");
+    assert_eq!(str_of(get(lb_stun, &["protocol"])), "UDP");
+    assert_eq!(get(lb_stun, &["port"]).as_u64(), Some(3478));
 }
 
 // ------------------------------------------------------------ proxies

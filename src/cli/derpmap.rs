@@ -36,9 +36,9 @@ pub struct Args {
     /// TLS port clients connect to (the terminator's, not the relay's 8443).
     #[arg(long, default_value_t = 443, value_parser = clap::value_parser!(u16).range(1..))]
     port: u16,
-    /// STUN port to advertise, or -1 for none. derp-relay has no STUN server,
-    /// so keep -1 unless a separate STUN server answers on this host.
-    #[arg(long, default_value_t = -1, allow_negative_numbers = true, value_parser = parse_stun_port)]
+    /// STUN port to advertise (the relay's --stun-addr port), or -1 when the
+    /// relay runs with --stun=false and nothing else answers STUN on this host.
+    #[arg(long, default_value_t = 3478, allow_negative_numbers = true, value_parser = parse_stun_port)]
     stun_port: i32,
     /// Node name [default: the region ID followed by "a", e.g. 900a].
     #[arg(long)]
@@ -119,7 +119,7 @@ pub fn run(a: Args) -> Result<(), String> {
     print!("{text}");
     if a.stun_port == -1 {
         eprintln!(
-            "note: STUNPort is -1: derp-relay runs no STUN server, so clients find their \
+            "note: STUNPort is -1: clients will not use this host for STUN and find their \
              public address through other regions' STUN"
         );
     }
