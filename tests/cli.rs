@@ -482,7 +482,10 @@ fn derpmap_prints_a_map_tailscale_and_headscale_read() {
     assert_eq!(node["HostName"], "derp.example.com");
     assert_eq!(node["IPv4"], "198.51.100.7");
     assert_eq!(node["DERPPort"], 443);
-    assert_eq!(node["STUNPort"], 3478, "the relay's own STUN, on by default");
+    assert_eq!(
+        node["STUNPort"], 3478,
+        "the relay's own STUN, on by default"
+    );
 
     let out = run(&[
         "derpmap",

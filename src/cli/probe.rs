@@ -334,13 +334,12 @@ mod stun {
                 )
             }
         };
-        let server: SocketAddr =
-            tokio::time::timeout_at(deadline, tokio::net::lookup_host(target))
-                .await
-                .map_err(within(format!("resolving {target}")))?
-                .map_err(|e| format!("STUN: cannot resolve {target}: {e}"))?
-                .next()
-                .ok_or_else(|| format!("STUN: {target} resolves to no address"))?;
+        let server: SocketAddr = tokio::time::timeout_at(deadline, tokio::net::lookup_host(target))
+            .await
+            .map_err(within(format!("resolving {target}")))?
+            .map_err(|e| format!("STUN: cannot resolve {target}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("STUN: {target} resolves to no address"))?;
         let local: SocketAddr = if server.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
         } else {
@@ -390,7 +389,11 @@ mod stun {
 
     /// The mapped address from the first valid answer to `tx` from `server`;
     /// stray datagrams (a late answer to an earlier request) are skipped.
-    async fn answer(sock: &UdpSocket, server: SocketAddr, tx: &TxId) -> std::io::Result<SocketAddr> {
+    async fn answer(
+        sock: &UdpSocket,
+        server: SocketAddr,
+        tx: &TxId,
+    ) -> std::io::Result<SocketAddr> {
         let mut buf = [0u8; 1500];
         loop {
             let (n, from) = sock.recv_from(&mut buf).await?;
