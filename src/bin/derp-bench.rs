@@ -119,6 +119,24 @@ enum Mode {
         #[arg(long, default_value_t = 200)]
         concurrency: usize,
     },
+    /// STUN flood: Tailscale Binding Requests from several sockets, each
+    /// keeping a window in flight; answers/s per round and the median.
+    Stun {
+        /// The relay's STUN address (its --stun-addr), e.g. 127.0.0.1:3478.
+        #[arg(long, default_value = "127.0.0.1:3478")]
+        addr: SocketAddr,
+        /// Client sockets, each on its own 127.x.y.z address.
+        #[arg(long, default_value_t = 4)]
+        sockets: usize,
+        /// Requests each socket keeps in flight.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        /// Seconds per round.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// The baseline forwarder itself; prints `listening on ADDR` first.
     ForwardServer {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -188,6 +206,9 @@ fn time_budget(mode: &Mode) -> Option<Duration> {
             url, load, rounds, ..
         } => per_run(load) * ((rounds * (url.len() + 1)) + url.len() + 1) as f64,
         Mode::Idle { clients, .. } => 120.0 + *clients as f64 / 100.0,
+        Mode::Stun {
+            duration, rounds, ..
+        } => duration.max(0.0) * *rounds as f64 + 30.0,
         Mode::ForwardServer { .. } => return None,
     };
     Some(Duration::from_secs_f64(secs))
@@ -225,12 +246,129 @@ async fn run(mode: Mode) -> Result<()> {
             pid,
             concurrency,
         } => idle(&url, clients, pid, concurrency.max(1)).await?,
+        Mode::Stun {
+            addr,
+            sockets,
+            window,
+            duration,
+            rounds,
+        } => stun_flood(addr, sockets.max(1), window.max(1), duration, rounds.max(1)).await?,
         Mode::ForwardServer {
             addr,
             exit_on_stdin_eof,
         } => forward_server(addr, exit_on_stdin_eof).await?,
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------- stun
+
+/// A window that got no answer for this long is sent again whole: datagrams
+/// the kernel dropped under the flood would otherwise shrink it for good.
+const STUN_REFILL: Duration = Duration::from_millis(20);
+
+async fn stun_flood(
+    addr: SocketAddr,
+    sockets: usize,
+    window: usize,
+    duration: f64,
+    rounds: usize,
+) -> Result<()> {
+    ensure!(duration > 0.0, "--duration must be above 0");
+    out!(
+        "STUN flood on {addr}: {sockets} sockets x {window} in flight, {rounds} rounds of {duration} s"
+    );
+    let mut rates = Vec::new();
+    for round in 1..=rounds {
+        let until = Instant::now() + Duration::from_secs_f64(duration);
+        let mut tasks = Vec::new();
+        for i in 0..sockets {
+            let src = if addr.is_ipv4() {
+                SocketAddr::from((next_source_ip(), 0))
+            } else {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))
+            };
+            tasks.push(tokio::spawn(stun_socket(src, addr, window, until, i as u8)));
+        }
+        let t0 = Instant::now();
+        let (mut sent, mut answered) = (0u64, 0u64);
+        for t in tasks {
+            let (s, a) = t.await.context("STUN socket task")??;
+            sent += s;
+            answered += a;
+        }
+        let rate = answered as f64 / t0.elapsed().as_secs_f64();
+        out!(
+            "round {round}: {rate:>10.0} answers/s  ({answered} answered of {sent} sent, {:.1}% unanswered)",
+            100.0 * sent.saturating_sub(answered) as f64 / sent.max(1) as f64
+        );
+        rates.push(rate);
+    }
+    out!("median: {:.0} answers/s", median(rates));
+    Ok(())
+}
+
+/// One client socket: keeps `window` requests in flight until `until`.
+/// Returns (sent, valid answers).
+async fn stun_socket(
+    src: SocketAddr,
+    server: SocketAddr,
+    window: usize,
+    until: Instant,
+    id: u8,
+) -> Result<(u64, u64)> {
+    use derp_relay::protocol::stun::{REQUEST_LEN, parse_binding_response, write_binding_request};
+    let sock = tokio::net::UdpSocket::bind(src)
+        .await
+        .with_context(|| format!("binding {src}"))?;
+    // Connected: the kernel filters other sources and reports ICMP errors,
+    // so a relay without STUN fails the run instead of reading as 0/s.
+    sock.connect(server)
+        .await
+        .with_context(|| format!("connecting to {server}"))?;
+    let tx = [id; 12];
+    let mut req = [0u8; REQUEST_LEN];
+    write_binding_request(&tx, &mut req);
+    let mut buf = [0u8; 256];
+    let (mut sent, mut answered) = (0u64, 0u64);
+    let send_window = |sent: &mut u64| -> Result<()> {
+        for _ in 0..window {
+            match sock.try_send(&req) {
+                Ok(_) => *sent += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => bail!("sending to {server}: {e}"),
+            }
+        }
+        Ok(())
+    };
+    send_window(&mut sent)?;
+    loop {
+        match sock.try_recv(&mut buf) {
+            Ok(n) => {
+                if parse_binding_response(&buf[..n], &tx).is_ok() {
+                    answered += 1;
+                }
+                if Instant::now() >= until {
+                    break;
+                }
+                match sock.try_send(&req) {
+                    Ok(_) => sent += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => bail!("sending to {server}: {e}"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= until {
+                    break;
+                }
+                if timeout(STUN_REFILL, sock.readable()).await.is_err() {
+                    send_window(&mut sent)?;
+                }
+            }
+            Err(e) => bail!("receiving from {server}: {e} (is STUN on?)"),
+        }
+    }
+    Ok((sent, answered))
 }
 
 fn check_load(load: &LoadArgs) -> Result<()> {
