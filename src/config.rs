@@ -83,6 +83,11 @@ pub struct Config {
     /// Forget TOFU bindings not seen for this long; 0s = never.
     #[serde(with = "duration_text")]
     pub tofu_expire: Duration,
+    /// Answer STUN Binding Requests (Tailscale's netcheck) on UDP `stun_addr`.
+    pub stun: bool,
+    /// UDP address for STUN; `:3478` means every interface. A host name is
+    /// resolved at start (Fly needs `fly-global-services:3478`).
+    pub stun_addr: String,
 }
 
 impl Default for Config {
@@ -112,6 +117,8 @@ impl Default for Config {
             header_timeout: Duration::from_secs(10),
             tofu_max_bindings: 100_000,
             tofu_expire: Duration::ZERO,
+            stun: true,
+            stun_addr: ":3478".into(),
         }
     }
 }
@@ -220,6 +227,15 @@ pub struct Flags {
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tofu_expire: Option<String>,
+    /// Answer STUN on UDP --stun-addr [default: true]; `--stun=false` turns it off.
+    // An explicit value, unlike the other switches, because the default is on.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stun: Option<bool>,
+    /// STUN UDP address, e.g. `:3478`, `0.0.0.0:3478`, `fly-global-services:3478`.
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stun_addr: Option<String>,
 }
 
 /// A configuration problem, already phrased for the operator.
@@ -291,6 +307,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.stun_target()?;
         match (&self.allowed_keys_file, self.open_relay) {
             (Some(_), true) => {
                 return Err(ConfigError(
@@ -362,6 +379,32 @@ impl Config {
                 "addr: {a:?} is not a listen address like \":8443\" or \"127.0.0.1:8443\": {e}"
             ))
         })
+    }
+
+    /// The STUN address as `host:port` for resolving at start: `:PORT` is
+    /// every interface, as for `addr`; a host name is checked here only for shape.
+    pub fn stun_target(&self) -> Result<String, ConfigError> {
+        let a = self.stun_addr.trim();
+        if let Some(port) = a.strip_prefix(':') {
+            return port
+                .parse::<u16>()
+                .map(|p| SocketAddr::from((Ipv6Addr::UNSPECIFIED, p)).to_string())
+                .map_err(|e| ConfigError(format!("stun_addr: {a:?} has no valid port: {e}")));
+        }
+        if a.parse::<SocketAddr>().is_ok() {
+            return Ok(a.to_owned());
+        }
+        match a.rsplit_once(':') {
+            Some((host, port))
+                if !host.is_empty() && !host.contains(':') && port.parse::<u16>().is_ok() =>
+            {
+                Ok(a.to_owned())
+            }
+            _ => Err(ConfigError(format!(
+                "stun_addr: {a:?} is not a UDP address like \":3478\", \"0.0.0.0:3478\" \
+                 or \"fly-global-services:3478\""
+            ))),
+        }
     }
 
     pub fn server_key_path(&self) -> PathBuf {
@@ -551,6 +594,33 @@ mod tests {
         };
         let e = Config::load_from(&flags, no_env()).unwrap_err().0;
         assert!(e.starts_with("addr:"), "{e}");
+    }
+
+    #[test]
+    fn stun_addr_forms() {
+        let with = |a: &str| Config {
+            stun_addr: a.into(),
+            ..Config::default()
+        };
+        assert_eq!(with(":3478").stun_target().unwrap(), "[::]:3478");
+        assert_eq!(with("127.0.0.1:0").stun_target().unwrap(), "127.0.0.1:0");
+        assert_eq!(with("[::1]:3478").stun_target().unwrap(), "[::1]:3478");
+        assert_eq!(
+            with("fly-global-services:3478").stun_target().unwrap(),
+            "fly-global-services:3478"
+        );
+        for bad in ["", "3478", ":x", "host:", ":99999", "::1:3478", "host:port"] {
+            let e = with(bad).stun_target().unwrap_err().0;
+            assert!(e.starts_with("stun_addr:"), "{bad:?}: {e}");
+        }
+        let c = Config::load_from(&open(), no_env()).unwrap();
+        assert!(c.stun);
+        assert_eq!(c.stun_addr, ":3478");
+        let off = Flags {
+            stun: Some(false),
+            ..open()
+        };
+        assert!(!Config::load_from(&off, no_env()).unwrap().stun);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod admission;
 pub mod client;
 pub mod config;
 pub mod conn;
+pub mod edge;
 pub mod http;
 pub mod limits;
 pub mod metrics;

@@ -10,8 +10,51 @@ use prometheus::{
 
 pub use crate::reasons::{DropReason, RefuseReason, Transport};
 
+/// What became of one datagram on the STUN socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StunResult {
+    /// A Tailscale Binding Request, answered.
+    Ok,
+    /// Anything else (not STUN, not a Binding Request, not Tailscale's shape): ignored.
+    Invalid,
+    /// A valid request whose answer could not be sent.
+    SendError,
+    /// Receiving from the socket failed (e.g. an ICMP error reported on it).
+    RecvError,
+}
+
+impl StunResult {
+    pub const ALL: [StunResult; 4] = [
+        StunResult::Ok,
+        StunResult::Invalid,
+        StunResult::SendError,
+        StunResult::RecvError,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StunResult::Ok => "ok",
+            StunResult::Invalid => "invalid",
+            StunResult::SendError => "send_error",
+            StunResult::RecvError => "recv_error",
+        }
+    }
+}
+
+/// The STUN socket's counters, one child per result resolved up front so a
+/// datagram costs one atomic add and every series exists from the start.
+#[derive(Clone)]
+pub struct StunCounters([IntCounter; StunResult::ALL.len()]);
+
+impl StunCounters {
+    pub fn get(&self, r: StunResult) -> &IntCounter {
+        &self.0[r as usize]
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    pub stun: StunCounters,
     pub packets_routed: IntCounter,
     pub bytes_received: IntCounter,
     pub bytes_sent: IntCounter,
@@ -106,7 +149,14 @@ impl Metrics {
             "Connection attempts refused, by reason.",
             &["reason"],
         );
+        let stun = counter_vec(
+            "derp_stun_requests_total",
+            "Datagrams on the STUN socket, by result (ok, invalid, send_error, recv_error).",
+            &["result"],
+        );
+        let stun = StunCounters(StunResult::ALL.map(|r| stun.with_label_values(&[r.as_str()])));
         Metrics {
+            stun,
             packets_routed: counter(
                 "derp_packets_routed_total",
                 "Packets queued to their destination.",

@@ -32,6 +32,7 @@ pub struct Relay {
     root: ActorRef<RootMsg>,
     stop_accepting: watch::Sender<bool>,
     accept_task: tokio::task::JoinHandle<()>,
+    stun: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
     fatal: watch::Receiver<Option<String>>,
 }
 
@@ -78,7 +79,26 @@ impl Relay {
 
         let listener = bind(listen).map_err(|e| format!("addr: cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let stun_socket = match bind_stun(&shared.config).await {
+            Ok(s) => s,
+            Err(e) => {
+                root.stop(Some("start failed".into()));
+                return Err(e);
+            }
+        };
         let (stop_accepting, stop_rx) = watch::channel(false);
+        let stun = match stun_socket {
+            Some((socket, stun_addr)) => {
+                tracing::info!(udp = %stun_addr, "STUN listening");
+                let task = tokio::spawn(crate::edge::stun::serve(
+                    socket,
+                    shared.metrics.stun.clone(),
+                    stop_rx.clone(),
+                ));
+                Some((stun_addr, task))
+            }
+            None => None,
+        };
         let accept_task = tokio::spawn(crate::http::server::serve(listener, deps, stop_rx));
         tracing::info!(%addr, server_key = %shared.secret.public().to_nodekey_hex(), "derp-relay listening");
         Ok(Relay {
@@ -88,12 +108,18 @@ impl Relay {
             root,
             stop_accepting,
             accept_task,
+            stun,
             fatal,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound STUN UDP address, or `None` with `stun = false`.
+    pub fn stun_addr(&self) -> Option<SocketAddr> {
+        self.stun.as_ref().map(|(a, _)| *a)
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -141,8 +167,31 @@ impl Relay {
         self.actors.registry.set(None);
         self.root.stop(Some("shutdown".into()));
         let _ = tokio::time::timeout(Duration::from_secs(5), self.accept_task).await;
+        if let Some((_, task)) = self.stun {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
         left
     }
+}
+
+/// Resolves and binds `stun_addr` (when `stun` is on); a failure names the setting.
+async fn bind_stun(config: &Config) -> Result<Option<(tokio::net::UdpSocket, SocketAddr)>, String> {
+    if !config.stun {
+        return Ok(None);
+    }
+    let target = config.stun_target().map_err(|e| e.0)?;
+    // Resolved once, at start: on Fly the name is the Machine's own
+    // fly-global-services address, which does not move while it runs.
+    let addr = tokio::net::lookup_host(target.as_str())
+        .await
+        .map_err(|e| format!("stun_addr: cannot resolve {target}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("stun_addr: {target} resolves to no address"))?;
+    let socket = crate::edge::stun::bind(addr)
+        .await
+        .map_err(|e| format!("stun_addr: cannot listen on UDP {addr}: {e}"))?;
+    let bound = socket.local_addr().map_err(|e| e.to_string())?;
+    Ok(Some((socket, bound)))
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

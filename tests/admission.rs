@@ -367,6 +367,8 @@ fn kill_9_during_a_burst_of_binding_writes_leaves_a_parsable_file() {
                     "127.0.0.1:0",
                     "--rate-limit",
                     "0",
+                    "--stun-addr",
+                    "127.0.0.1:0",
                     "--data-dir",
                 ])
                 .arg(dir.path())

@@ -82,7 +82,8 @@ impl RelayProc {
     fn start(extra: &[&str]) -> RelayProc {
         let dir = tempfile::tempdir().unwrap();
         let mut child = bin()
-            .args(["--addr", "127.0.0.1:0", "--data-dir"])
+            .args(["--addr", "127.0.0.1:0", "--stun-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(extra)
             .stdin(Stdio::null())

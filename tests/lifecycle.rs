@@ -339,7 +339,8 @@ async fn a_client_that_stops_reading_is_cut_at_the_write_timeout_and_stalls_no_o
 fn spawn_relay(data: &std::path::Path, extra: &[&str]) -> (KillOnDrop, std::net::SocketAddr) {
     let mut child = KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_derp-relay"))
-            .args(["--open-relay", "--addr", "127.0.0.1:0", "--data-dir"])
+            .args(["--open-relay", "--addr", "127.0.0.1:0"])
+            .args(["--stun-addr", "127.0.0.1:0", "--data-dir"])
             .arg(data)
             .args(extra)
             .env("RUST_LOG", "info")

@@ -12,6 +12,9 @@
 //! connection per key, so the two clients need two different listed keys:
 //! `--key-file` for client A and `--peer-key-file` for client B. A client
 //! without a key file gets a fresh random key, which only an open relay admits.
+//!
+//! `--stun HOST:PORT` checks the relay's STUN responder the way netcheck
+//! does: Tailscale's Binding Request, and the address the relay saw us at.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -36,7 +39,11 @@ const RESEND_EVERY: Duration = Duration::from_millis(200);
 #[derive(clap::Args)]
 pub struct Args {
     /// Relay URL: http(s)://host[:port][/derp] for Upgrade: DERP, ws(s)://… for WebSocket.
-    url: String,
+    #[arg(required_unless_present = "stun")]
+    url: Option<String>,
+    /// Also (or only, without URL) probe STUN on HOST:PORT, e.g. derp.example.com:3478.
+    #[arg(long, value_name = "HOST:PORT")]
+    stun: Option<String>,
     /// Private key for client A (`keys generate` writes one); needed when the relay has an ACL.
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
@@ -83,7 +90,13 @@ struct Side {
 }
 
 pub async fn run(a: Args) -> Result<(), String> {
-    let url = RelayUrl::parse(&a.url).map_err(|e| e.to_string())?;
+    if let Some(target) = &a.stun {
+        stun::run(target, a.timeout, a.count).await?;
+    }
+    let Some(url) = &a.url else {
+        return Ok(());
+    };
+    let url = RelayUrl::parse(url).map_err(|e| e.to_string())?;
     let secret_a = load_key(a.key_file.as_ref())?;
     let secret_b = load_key(a.peer_key_file.as_ref())?;
     if secret_a.public() == secret_b.public() {
@@ -295,4 +308,101 @@ fn probe_payload(tag: &[u8], round: u32) -> Vec<u8> {
     p.extend_from_slice(tag);
     p.extend_from_slice(&round.to_be_bytes());
     p
+}
+
+mod stun {
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    use derp_relay::protocol::stun::{
+        REQUEST_LEN, TxId, parse_binding_response, write_binding_request,
+    };
+    use rand_core::{OsRng, RngCore};
+    use tokio::net::UdpSocket;
+
+    use crate::cli::ms;
+
+    /// Sends `count` Binding Requests one after another, each with a fresh
+    /// transaction id, and prints the mapped address and the round trips.
+    pub async fn run(target: &str, timeout: Duration, count: u32) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let within = |stage: String| {
+            move |_| {
+                format!(
+                    "STUN: timed out after {} while {stage}",
+                    humantime::format_duration(timeout)
+                )
+            }
+        };
+        let server: SocketAddr = tokio::time::timeout_at(deadline, tokio::net::lookup_host(target))
+            .await
+            .map_err(within(format!("resolving {target}")))?
+            .map_err(|e| format!("STUN: cannot resolve {target}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("STUN: {target} resolves to no address"))?;
+        let local: SocketAddr = if server.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        let sock = UdpSocket::bind(local)
+            .await
+            .map_err(|e| format!("STUN: cannot open a UDP socket: {e}"))?;
+        println!("probing STUN at {server}");
+        let mut rtts = Vec::new();
+        let mut mapped = None;
+        for round in 1..=count {
+            let mut tx: TxId = [0; 12];
+            OsRng.fill_bytes(&mut tx);
+            let mut req = [0u8; REQUEST_LEN];
+            write_binding_request(&tx, &mut req);
+            let t0 = Instant::now();
+            sock.send_to(&req, server)
+                .await
+                .map_err(|e| format!("STUN: sending to {server}: {e}"))?;
+            let addr = tokio::time::timeout_at(deadline, answer(&sock, server, &tx))
+                .await
+                .map_err(within(format!("waiting for answer {round} from {server}")))?
+                .map_err(|e| format!("STUN: receiving from {server}: {e}"))?;
+            rtts.push(t0.elapsed());
+            if mapped.is_some_and(|m| m != addr) {
+                println!("mapped address changed to {addr} (the NAT moved us)");
+            }
+            mapped = Some(addr);
+        }
+        if let Some(addr) = mapped {
+            println!("mapped address {addr}");
+        }
+        let min = rtts.iter().min().copied().unwrap_or_default();
+        let max = rtts.iter().max().copied().unwrap_or_default();
+        let avg = rtts.iter().sum::<Duration>() / rtts.len().max(1) as u32;
+        println!(
+            "STUN round trip: min {} avg {} max {} ({} requests)",
+            ms(min),
+            ms(avg),
+            ms(max),
+            rtts.len()
+        );
+        println!("ok");
+        Ok(())
+    }
+
+    /// The mapped address from the first valid answer to `tx` from `server`;
+    /// stray datagrams (a late answer to an earlier request) are skipped.
+    async fn answer(
+        sock: &UdpSocket,
+        server: SocketAddr,
+        tx: &TxId,
+    ) -> std::io::Result<SocketAddr> {
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).await?;
+            if from != server {
+                continue;
+            }
+            if let Ok(addr) = parse_binding_response(&buf[..n], tx) {
+                return Ok(addr);
+            }
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! The DERP v2 wire protocol as pure data transformations: frame encoding and
-//! decoding, the handshake's NaCl boxes, and key types.
+//! decoding, the handshake's NaCl boxes, and key types; and the STUN codec.
 //!
 //! Nothing here does I/O or knows about tokio or actors, so the same code serves
 //! the relay, the load generator, and unit tests, and can be fuzzed on its own.
@@ -7,6 +7,7 @@
 pub mod frame;
 pub mod handshake;
 pub mod keys;
+pub mod stun;
 
 pub use frame::{ClientFrame, FrameError, FrameType, PeerGoneReason};
 pub use handshake::{ClientInfo, HandshakeError, ServerSecret};

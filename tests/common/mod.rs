@@ -62,6 +62,8 @@ impl Drop for TestRelay {
 pub fn test_config() -> Config {
     Config {
         addr: "127.0.0.1:0".into(),
+        // Many relays run at once: each gets its own ephemeral STUN port, never 3478.
+        stun_addr: "127.0.0.1:0".into(),
         open_relay: true,
         ..Config::default()
     }

@@ -29,13 +29,31 @@ fn compose_file_matches_the_relay() {
         check_env("compose text", &BTreeMap::from([(name, String::new())]));
     }
 
-    // host:container mappings
-    let ports: Vec<(String, u16)> = strings(get(relay, &["ports"]))
+    // host:container[/udp] mappings
+    let all_ports: Vec<(String, u16, bool)> = strings(get(relay, &["ports"]))
         .iter()
         .map(|p| {
             let (host, container) = p.rsplit_once(':').unwrap();
-            (host.to_owned(), container.parse().unwrap())
+            let (container, udp) = match container.strip_suffix("/udp") {
+                Some(c) => (c, true),
+                None => (container, false),
+            };
+            (host.to_owned(), container.parse().unwrap(), udp)
         })
+        .collect();
+    let stun_port = config
+        .stun_addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .expect("stun_addr has a port");
+    assert!(
+        config.stun && all_ports.iter().any(|(_, c, udp)| *udp && *c == stun_port),
+        "compose publishes STUN on UDP {stun_port}"
+    );
+    let ports: Vec<(String, u16)> = all_ports
+        .into_iter()
+        .filter(|(_, _, udp)| !udp)
+        .map(|(h, c, _)| (h, c))
         .collect();
     assert!(
         ports.iter().any(|(_, c)| *c == port),
