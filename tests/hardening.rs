@@ -1466,3 +1466,20 @@ async fn truncating_the_allowed_keys_file_keeps_the_old_set() {
     std::fs::write(&kpath, format!("{}\n", a.public().to_base64())).unwrap();
     assert!(cb.closed().await, "b disconnected by the next good reload");
 }
+
+#[tokio::test]
+async fn on_a_dual_stack_listener_ipv4_clients_are_recorded_as_ipv4() {
+    // `--addr :PORT` (the default form) listens on [::], where IPv4 peers
+    // arrive as ::ffff:a.b.c.d; the relay must record the IPv4 client.
+    let relay = start_relay(|c| {
+        c.addr = ":0".into();
+        c.rate_limit = 0;
+    })
+    .await;
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, relay.addr.port()));
+    let peer = fresh_ip();
+    let c = connect_with(v4, peer, "", ClientSecret::generate())
+        .await
+        .unwrap();
+    assert_eq!(wait_last_addr(&relay, &c.key()).await, peer.to_string());
+}

@@ -78,7 +78,8 @@ impl ClientIpSource {
                 .and_then(|v| v.to_str().ok())
                 .and_then(parse),
         };
-        found.map(unmap).unwrap_or(peer)
+        // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.
+        unmap(found.unwrap_or(peer))
     }
 }
 
