@@ -963,23 +963,40 @@ async fn tofu_bindings_are_capped_longest_unseen_first() {
             .unwrap();
         drop(c);
     }
-    let last = secrets[79].public();
-    eventually("last key bound", || last_addr(&relay, &last).is_some()).await;
-    assert!(relay.relay().shared.bindings.lock().unwrap().len() <= 50);
-    let f = wait_file("capped bindings on disk", &path, |f| {
-        f.contains(&last) && f.len() <= 50
+    // Every key was either kept or evicted for the cap. (All 80 are seen
+    // within a second or two, and last-seen has one-second resolution, so
+    // which of them go is a tie; the ACL test below checks the order.)
+    let capped = || {
+        relay
+            .relay()
+            .metrics()
+            .tofu_evictions
+            .with_label_values(&["cap"])
+            .get()
+    };
+    let in_memory = || relay.relay().shared.bindings.lock().unwrap().len();
+    eventually("every key kept or evicted", || {
+        in_memory() + capped() as usize == 80
     })
     .await;
-    assert!(f.len() >= 40, "{} bindings kept", f.len());
-    let capped = relay
-        .relay()
-        .metrics()
-        .tofu_evictions
-        .with_label_values(&["cap"])
-        .get();
+    assert!(in_memory() <= 50);
     assert!(
-        capped >= 30,
-        "derp_tofu_evictions_total{{reason=\"cap\"}} = {capped}"
+        capped() >= 30,
+        "derp_tofu_evictions_total{{reason=\"cap\"}} = {}",
+        capped()
+    );
+    // The file ends with the same set.
+    let same = |f: &Bindings| {
+        let b = relay.relay().shared.bindings.lock().unwrap();
+        secrets
+            .iter()
+            .all(|s| f.contains(&s.public()) == b.contains(&s.public()))
+    };
+    let f = wait_file("capped bindings on disk", &path, same).await;
+    assert!(
+        f.len() <= 50 && f.len() >= 40,
+        "{} bindings on disk",
+        f.len()
     );
 }
 
