@@ -62,7 +62,11 @@ fn relay_command(
     envs: &[(&str, &str)],
     nofile: Option<u64>,
 ) -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_derp-relay"));
+    // HARDENING_RELAY_BIN=target/release/derp-relay measures a release build
+    // from the (debug) test.
+    let bin = std::env::var_os("HARDENING_RELAY_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_derp-relay").into());
+    let mut cmd = std::process::Command::new(bin);
     cmd.args(args)
         .env("RUST_LOG", "info")
         // Relays in one test run must not collide on UDP 3478.
@@ -466,15 +470,22 @@ async fn parked_strangers_cost_a_few_kib_each_and_give_it_back() {
 
     let (parked, per_transport, parked_rss) = park_wave(&bin, base, PER_TRANSPORT, PER_IP).await;
     let cut = cut_wave(&bin, parked).await;
-    // A second wave must reuse what the first one freed: what stays after a
-    // cut is the allocator's cache, not a leak.
-    let (parked2, _, parked2_rss) = park_wave(&bin, cut, PER_TRANSPORT, PER_IP).await;
-    let cut2 = cut_wave(&bin, parked2).await;
+    // More waves must reuse what earlier ones freed: what stays after a cut
+    // is the allocator's cache, not a leak. glibc keeps freed heap (it trims
+    // only the top of each arena) and a later wave may land in another
+    // thread's arena, so RSS climbs for a wave or two, then stays flat.
+    let mut peaks = vec![parked_rss];
+    let mut cuts = vec![cut];
+    for _ in 0..5 {
+        let (p, _, peak) = park_wave(&bin, cut, PER_TRANSPORT, PER_IP).await;
+        peaks.push(peak);
+        cuts.push(cut_wave(&bin, p).await);
+    }
 
     let growth = parked_rss.saturating_sub(base);
     eprintln!(
         "RSS: baseline {base} KiB, {} parked {parked_rss} KiB (+{growth} KiB), after cut {cut} KiB (+{} KiB); \
-         second wave parked {parked2_rss} KiB, after cut {cut2} KiB; per parked connection: {}",
+         peaks of 6 waves {peaks:?} KiB, after each cut {cuts:?} KiB; per parked connection: {}",
         2 * PER_TRANSPORT,
         cut.saturating_sub(base),
         per_transport
@@ -488,15 +499,20 @@ async fn parked_strangers_cost_a_few_kib_each_and_give_it_back() {
         growth < 16 << 10,
         "600 parked strangers grew RSS by {growth} KiB"
     );
-    // Nothing grows after the cut, and the second wave costs at most a
-    // quarter of the first on top of it (glibc keeps freed heap for reuse
-    // rather than returning it; see the report in the README).
-    assert!(cut <= parked_rss + 256, "RSS grew after the cut: {cut} KiB");
+    // Nothing grows after a cut, and six waves together stay within three
+    // waves' worth (at most one per arena in play: main and two workers);
+    // a leak would be six.
+    for (p, c) in peaks.iter().zip(&cuts) {
+        assert!(
+            *c <= p + 256,
+            "RSS grew after a cut: {c} KiB after a peak of {p} KiB"
+        );
+    }
+    let top = *peaks.iter().max().unwrap_or(&parked_rss);
     assert!(
-        parked2_rss <= parked_rss + growth / 4 + 256,
-        "second wave grew RSS to {parked2_rss} KiB (first wave peaked at {parked_rss} KiB): memory is not reused"
+        top <= base + 3 * growth + 1024,
+        "6 waves reached {top} KiB from a baseline of {base} KiB (one wave: +{growth} KiB): memory is not reused"
     );
-    assert!(cut2 <= parked2_rss + 256);
 }
 
 /// Parks `n` strangers per transport, `per_ip` per source address; returns
@@ -949,23 +965,40 @@ async fn tofu_bindings_are_capped_longest_unseen_first() {
             .unwrap();
         drop(c);
     }
-    let last = secrets[79].public();
-    eventually("last key bound", || last_addr(&relay, &last).is_some()).await;
-    assert!(relay.relay().shared.bindings.lock().unwrap().len() <= 50);
-    let f = wait_file("capped bindings on disk", &path, |f| {
-        f.contains(&last) && f.len() <= 50
+    // Every key was either kept or evicted for the cap. (All 80 are seen
+    // within a second or two, and last-seen has one-second resolution, so
+    // which of them go is a tie; the ACL test below checks the order.)
+    let capped = || {
+        relay
+            .relay()
+            .metrics()
+            .tofu_evictions
+            .with_label_values(&["cap"])
+            .get()
+    };
+    let in_memory = || relay.relay().shared.bindings.lock().unwrap().len();
+    eventually("every key kept or evicted", || {
+        in_memory() + capped() as usize == 80
     })
     .await;
-    assert!(f.len() >= 40, "{} bindings kept", f.len());
-    let capped = relay
-        .relay()
-        .metrics()
-        .tofu_evictions
-        .with_label_values(&["cap"])
-        .get();
+    assert!(in_memory() <= 50);
     assert!(
-        capped >= 30,
-        "derp_tofu_evictions_total{{reason=\"cap\"}} = {capped}"
+        capped() >= 30,
+        "derp_tofu_evictions_total{{reason=\"cap\"}} = {}",
+        capped()
+    );
+    // The file ends with the same set.
+    let same = |f: &Bindings| {
+        let b = relay.relay().shared.bindings.lock().unwrap();
+        secrets
+            .iter()
+            .all(|s| f.contains(&s.public()) == b.contains(&s.public()))
+    };
+    let f = wait_file("capped bindings on disk", &path, same).await;
+    assert!(
+        f.len() <= 50 && f.len() >= 40,
+        "{} bindings on disk",
+        f.len()
     );
 }
 

@@ -1534,10 +1534,12 @@ async fn tofu_round(
     r: &TofuRelay,
     pair: &[ClientSecret; 2],
     loopers: &[ClientSecret],
-    rate: u64,
-    size: usize,
-    secs: f64,
+    args: &TofuArgs,
 ) -> Result<TofuResult> {
+    let (rate, size, secs) = (args.rate, args.size, args.duration);
+    // Each reconnecting key waits this long between its connects.
+    let every = (args.reconnect_rate > 0)
+        .then(|| Duration::from_secs_f64(loopers.len() as f64 / args.reconnect_rate as f64));
     let rx = timeout(CONNECT_TIMEOUT, connect_as(&r.url, &pair[1]))
         .await
         .context("receiver connect timed out")??;
@@ -1576,8 +1578,14 @@ async fn tofu_round(
         let url = r.url.clone();
         let adm = adm.clone();
         let failures = failures.clone();
+        let offset = every.map(|e| e.mul_f64(loop_tasks.len() as f64 / loopers.len() as f64));
         loop_tasks.push(tokio::spawn(async move {
+            let mut next = start + offset.unwrap_or_default();
             while Instant::now() < end {
+                if let Some(e) = every {
+                    sleep_until(next.into()).await;
+                    next += e;
+                }
                 let t = Instant::now();
                 match timeout(CONNECT_TIMEOUT, connect_as(&url, &s)).await {
                     Ok(Ok(ep)) => {
@@ -1657,7 +1665,7 @@ async fn tofu_bench(args: TofuArgs) -> Result<()> {
     let mut rows: Vec<Vec<TofuResult>> = vec![Vec::new(), Vec::new()];
     for round in 0..args.rounds.max(1) {
         for (i, r) in relays.iter().enumerate() {
-            let res = tofu_round(r, &pair, &loopers, args.rate, args.size, args.duration).await?;
+            let res = tofu_round(r, &pair, &loopers, &args).await?;
             out!(
                 "round {} {:>16}: {} admissions ({} failed), handshake p50 {:.0} µs p99 {:.0} µs max {:.0} µs; packets {}/{} p50 {:.0} µs p99 {:.0} µs max {:.0} µs; RSS {} KiB",
                 round + 1,
@@ -1678,8 +1686,12 @@ async fn tofu_bench(args: TofuArgs) -> Result<()> {
         }
     }
     out!(
-        "\n{} reconnecting bound keys, one pair paced at {} pkt/s of {} B, {} s per round, median of {} rounds",
+        "\n{} reconnecting bound keys ({}), one pair paced at {} pkt/s of {} B, {} s per round, median of {} rounds",
         args.reconnectors,
+        match args.reconnect_rate {
+            0 => "unpaced".to_string(),
+            r => format!("{r} reconnects/s in all"),
+        },
         args.rate,
         args.size,
         args.duration,
@@ -1728,6 +1740,10 @@ struct TofuArgs {
     /// Packets/s of the paced pair.
     #[arg(long, default_value_t = 2000)]
     rate: u64,
+    /// Reconnects per second over all reconnecting keys; 0 = as fast as
+    /// they go (then the two cores are saturated by handshakes).
+    #[arg(long, default_value_t = 0)]
+    reconnect_rate: u64,
     #[arg(long, default_value_t = 1280)]
     size: usize,
     /// Seconds per round.
