@@ -27,7 +27,7 @@ use crate::protocol::PublicKey;
 
 const FILE_VERSION: u32 = 1;
 
-/// What the relay remembers about one key: about 100 bytes in memory.
+/// What the relay remembers about one key (about 0.4 KiB each at 200 000, measured with derp-bench tofu).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// Unix seconds.
