@@ -405,16 +405,13 @@ fn load_bindings(path: &Path) -> Option<Bindings> {
 }
 
 async fn wait_file(what: &str, path: &Path, cond: impl Fn(&Bindings) -> bool) -> Bindings {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(b) = load_bindings(path)
-            && cond(&b)
-        {
-            return b;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut found = None;
+    eventually(what, || {
+        found = load_bindings(path).filter(|b| cond(b));
+        found.is_some()
+    })
+    .await;
+    found.expect("eventually returned, so the file matched")
 }
 
 fn last_addr(relay: &common::TestRelay, key: &PublicKey) -> Option<String> {
@@ -551,11 +548,10 @@ async fn park_wave(
 /// returns the settled RSS.
 async fn cut_wave(bin: &Bin, parked: Vec<TcpStream>) -> u64 {
     drop(parked);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while open_fds(bin.pid()) > 64 {
-        assert!(Instant::now() < deadline, "relay kept the closed sockets");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the relay lets go of the closed sockets", || {
+        open_fds(bin.pid()) <= 64
+    })
+    .await;
     settled_rss_kib(bin.pid()).await
 }
 
@@ -1161,14 +1157,10 @@ async fn a_reconnecting_key_appends_to_the_journal_without_rewriting_the_snapsho
                 .await
                 .unwrap(),
         );
-        let deadline = Instant::now() + WAIT;
-        while journal_len() <= len {
-            assert!(
-                Instant::now() < deadline,
-                "journal did not grow (round {round})"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(&format!("journal grows (round {round})"), || {
+            journal_len() > len
+        })
+        .await;
         len = journal_len();
         assert_eq!(
             inode_and_mtime(&path),
@@ -1412,17 +1404,13 @@ async fn an_empty_allowed_keys_file_refuses_to_start_naming_it() {
         .spawn()
         .unwrap(),
     );
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(st) = child.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "relay started on an empty keys file"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let mut status = None;
+    eventually("the relay exits on an empty keys file", || {
+        status = child.0.try_wait().unwrap();
+        status.is_some()
+    })
+    .await;
+    let status = status.expect("eventually returned, so it exited");
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!status.success());

@@ -139,18 +139,23 @@ pub async fn run(a: Args) -> Result<(), String> {
     for i in 0..a.count {
         rtts.push(round_trip(&deadline, &mut sa, &mut sb, i).await?);
     }
+    print_round_trips("round trip A -> B -> A", "rounds", &rtts);
+    Ok(())
+}
+
+/// The min/avg/max summary line and the final "ok".
+fn print_round_trips(what: &str, unit: &str, rtts: &[Duration]) {
     let min = rtts.iter().min().copied().unwrap_or_default();
     let max = rtts.iter().max().copied().unwrap_or_default();
     let avg = rtts.iter().sum::<Duration>() / rtts.len().max(1) as u32;
     println!(
-        "round trip A -> B -> A: min {} avg {} max {} ({} rounds)",
+        "{what}: min {} avg {} max {} ({} {unit})",
         ms(min),
         ms(avg),
         ms(max),
         rtts.len()
     );
     println!("ok");
-    Ok(())
 }
 
 fn load_key(path: Option<&PathBuf>) -> Result<ClientSecret, String> {
@@ -320,8 +325,6 @@ mod stun {
     use rand_core::{OsRng, RngCore};
     use tokio::net::UdpSocket;
 
-    use crate::cli::ms;
-
     /// Sends `count` Binding Requests one after another, each with a fresh
     /// transaction id, and prints the mapped address and the round trips.
     pub async fn run(target: &str, timeout: Duration, count: u32) -> Result<(), String> {
@@ -373,17 +376,7 @@ mod stun {
         if let Some(addr) = mapped {
             println!("mapped address {addr}");
         }
-        let min = rtts.iter().min().copied().unwrap_or_default();
-        let max = rtts.iter().max().copied().unwrap_or_default();
-        let avg = rtts.iter().sum::<Duration>() / rtts.len().max(1) as u32;
-        println!(
-            "STUN round trip: min {} avg {} max {} ({} requests)",
-            ms(min),
-            ms(avg),
-            ms(max),
-            rtts.len()
-        );
-        println!("ok");
+        super::print_round_trips("STUN round trip", "requests", &rtts);
         Ok(())
     }
 

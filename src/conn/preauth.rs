@@ -190,38 +190,14 @@ fn parse_header(b: &[u8]) -> io::Result<Option<WsHeader>> {
 
 impl WsPreAuth {
     async fn read_some(&mut self, buf: &mut BytesMut, step: usize) -> io::Result<usize> {
-        let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
         loop {
-            if let Some(h) = parse_header(&self.raw)?
-                && self.raw.len() >= h.header_len + h.payload_len
-            {
-                self.raw.advance(h.header_len);
-                let payload = self.raw.split_to(h.payload_len);
-                match h.opcode {
-                    // Continuation or binary: the DERP byte stream.
-                    0x0 | 0x2 => {
-                        if (h.opcode == 0x0) != self.in_message {
-                            return Err(bad("WebSocket continuation out of order"));
-                        }
-                        self.in_message = !h.fin;
-                        let start = buf.len();
-                        buf.extend_from_slice(&payload);
-                        for (i, byte) in buf[start..].iter_mut().enumerate() {
-                            *byte ^= h.mask[i % 4];
-                        }
-                        if h.payload_len > 0 {
-                            return Ok(h.payload_len);
-                        }
-                    }
-                    0x1 => return Err(bad("text WebSocket message; DERP uses binary messages")),
-                    0x8 => return Ok(0),
-                    // Ping and pong before the handshake: nothing to answer yet.
-                    0x9 | 0xa => {}
-                    _ => return Err(bad("unknown WebSocket opcode")),
-                }
-                continue;
-            }
             let need = match parse_header(&self.raw)? {
+                Some(h) if self.raw.len() >= h.header_len + h.payload_len => {
+                    match self.take_frame(&h, buf)? {
+                        Some(n) => return Ok(n),
+                        None => continue,
+                    }
+                }
                 Some(h) => h.header_len + h.payload_len - self.raw.len(),
                 None => 2,
             };
@@ -233,6 +209,35 @@ impl WsPreAuth {
             if n == 0 {
                 return Ok(0);
             }
+        }
+    }
+
+    /// Consumes the complete frame `h` at the front of `raw`: DERP bytes are
+    /// unmasked onto `buf`. `Some(n)` is what `read_some` returns (0 = the
+    /// client closed); `None` means nothing for the caller yet.
+    fn take_frame(&mut self, h: &WsHeader, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+        let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+        self.raw.advance(h.header_len);
+        let payload = self.raw.split_to(h.payload_len);
+        match h.opcode {
+            // Continuation or binary: the DERP byte stream.
+            0x0 | 0x2 => {
+                if (h.opcode == 0x0) != self.in_message {
+                    return Err(bad("WebSocket continuation out of order"));
+                }
+                self.in_message = !h.fin;
+                let start = buf.len();
+                buf.extend_from_slice(&payload);
+                for (i, byte) in buf[start..].iter_mut().enumerate() {
+                    *byte ^= h.mask[i % 4];
+                }
+                Ok((h.payload_len > 0).then_some(h.payload_len))
+            }
+            0x1 => Err(bad("text WebSocket message; DERP uses binary messages")),
+            0x8 => Ok(Some(0)),
+            // Ping and pong before the handshake: nothing to answer yet.
+            0x9 | 0xa => Ok(None),
+            _ => Err(bad("unknown WebSocket opcode")),
         }
     }
 }

@@ -79,18 +79,8 @@ impl ClientIpSource {
                 .and_then(parse),
         };
         // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.
-        unmap(found.unwrap_or(peer))
-    }
-}
-
-/// IPv4-mapped IPv6 addresses are the IPv4 client they carry.
-pub fn unmap(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
+        // An IPv4 client on a dual-stack listener is the IPv4 address it carries.
+        found.unwrap_or(peer).to_canonical()
     }
 }
 
@@ -98,7 +88,7 @@ pub fn unmap(ip: IpAddr) -> IpAddr {
 /// `v6_prefix` bits (one customer gets a /64 or more, so counting single
 /// IPv6 addresses would give one client 2^64 buckets).
 pub fn bucket(ip: IpAddr, v6_prefix: u8) -> IpAddr {
-    match unmap(ip) {
+    match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let bits = u32::from(v6_prefix.min(128));
             let mask = if bits == 0 {

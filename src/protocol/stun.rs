@@ -179,10 +179,7 @@ pub fn write_binding_response(
     addr: SocketAddr,
     out: &mut [u8; MAX_RESPONSE_LEN],
 ) -> usize {
-    let ip = match addr.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
+    let ip = addr.ip().to_canonical();
     let value_len: usize = match ip {
         IpAddr::V4(_) => 8,
         IpAddr::V6(_) => 20,
@@ -253,11 +250,7 @@ pub fn parse_binding_response(b: &[u8], tx: &TxId) -> Result<SocketAddr, StunErr
         _ => {}
     })?;
     let addr = xored.or(plain).ok_or(StunError::NoAddress)?;
-    let ip = match addr.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    Ok(SocketAddr::new(ip, addr.port()))
+    Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
 }
 
 fn decode_address(v: &[u8], xor_key: Option<&[u8; 16]>) -> Option<SocketAddr> {
