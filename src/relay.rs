@@ -13,7 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::actors::Actors;
-use crate::actors::supervisor::{RootArgs, RootMsg, RootSupervisor};
+use crate::actors::mesh::{Resolver, SystemResolver};
+use crate::actors::supervisor::{MeshSetup, RootArgs, RootMsg, RootSupervisor};
 use crate::actors::tofu::TofuMsg;
 use crate::admission::allowed_keys::AllowedKeys;
 use crate::admission::bindings::{self, Bindings};
@@ -38,7 +39,17 @@ pub struct Relay {
 
 impl Relay {
     /// Validates, starts the supervisor tree, then binds and serves.
-    pub async fn start(mut config: Config) -> Result<Relay, String> {
+    pub async fn start(config: Config) -> Result<Relay, String> {
+        Self::start_with(config, Arc::new(SystemResolver)).await
+    }
+
+    /// [`start`](Self::start) with `--mesh-dns` answered by `resolver`
+    /// (tests stand in for DNS; production uses the system resolver).
+    pub async fn start_with(
+        mut config: Config,
+        resolver: Arc<dyn Resolver>,
+    ) -> Result<Relay, String> {
+        let mesh = config.mesh().map_err(|e| e.0)?;
         crate::limits::fit_clients_to_descriptors(&mut config);
         let listen = config.listen_addr().map_err(|e| e.0)?;
         let acl = match &config.allowed_keys_file {
@@ -55,7 +66,12 @@ impl Relay {
         }
         let bindings = Bindings::load(&bpath)?;
         let secret = load_or_create_key(&config.server_key_path())?;
-        let shared = Arc::new(Shared::new(config, secret, acl, bindings));
+        let mut shared = Shared::new(config, secret, acl, bindings);
+        shared.mesh_key = mesh.as_ref().map(|m| m.key);
+        let shared = Arc::new(shared);
+        let mesh = mesh
+            .filter(|m| !m.peers.is_empty() || m.dns.is_some())
+            .map(|settings| MeshSetup { settings, resolver });
         let actors = Arc::new(Actors::default());
         let deps = Arc::new(ConnDeps {
             state: shared.clone(),
@@ -71,6 +87,7 @@ impl Relay {
                 shared: shared.clone(),
                 actors: actors.clone(),
                 fatal: fatal_tx,
+                mesh,
             },
         )
         .await

@@ -21,6 +21,8 @@ use crate::routing::Clients;
 pub struct Shared {
     pub config: Config,
     pub secret: ServerSecret,
+    /// The region's shared mesh key, when this node is part of a mesh.
+    pub mesh_key: Option<[u8; 32]>,
     pub metrics: Arc<Metrics>,
     pub clients: Arc<Clients>,
     /// Set once when a graceful stop begins: refuse new clients, /healthz says draining.
@@ -59,6 +61,7 @@ impl Shared {
             bindings: std::sync::Mutex::new(bindings),
             config,
             secret,
+            mesh_key: None,
             metrics: Arc::new(metrics),
             clients: Arc::new(Clients::default()),
             draining: Arc::new(AtomicBool::new(false)),

@@ -34,6 +34,7 @@ const RULES: &[(&str, &[&str])] = &[
     (
         "actors",
         &[
+            "client",
             "conn",
             "state",
             "routing",

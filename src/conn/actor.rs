@@ -87,7 +87,20 @@ impl Actor for ConnectionActor {
                 let _ = me.cast(ConnMsg::Close(why));
             }),
         ));
-        if let Err(reason) = deps.registrar.register(handle.clone()).await? {
+        let mesh_key = shared.mesh_key.as_ref();
+        let mesh_peer = a.info.is_mesh_peer(mesh_key);
+        handle.set_role(mesh_peer, a.info.is_prober);
+        let verdict = if !mesh_peer && a.info.presents_mesh_key() {
+            // A well-formed key that is not ours: a misconfigured peer (or a
+            // guess). Refused, so it shows up instead of half-working.
+            Err(crate::reasons::RefuseReason::MeshKey)
+        } else {
+            deps.registrar.register(handle.clone()).await?
+        };
+        if mesh_peer {
+            tracing::info!(target: "derp_relay::mesh", peer = %a.key, remote = %a.remote, "mesh peer connected");
+        }
+        if let Err(reason) = verdict {
             shared.metrics.refused(reason);
             tracing::info!(target: "derp_relay::admission", key = %a.key, remote = %a.remote, reason = reason.as_str(), "client refused");
             a.writer.refuse(reason.as_str()).await;

@@ -72,6 +72,7 @@ async fn read_frames(
     // read instead of per packet.
     let mut routed = 0u64;
     let mut received = 0u64;
+    let mut mesh_in = super::mesh::MeshIn::default();
     loop {
         loop {
             if routed >= YIELD_AFTER {
@@ -143,12 +144,13 @@ async fn read_frames(
                     }
                 }
                 ClientFrame::Pong(_) | ClientFrame::Unknown(_) => {}
-                // Mesh frames from a client that did not present the mesh key.
-                ClientFrame::WatchConns
+                // Mesh peers only; anyone else is closed (see conn::mesh).
+                f @ (ClientFrame::WatchConns
                 | ClientFrame::ClosePeer(_)
-                | ClientFrame::ForwardPacket { .. } => {
-                    tracing::info!(target: "derp_relay::core", key = %h.key, "mesh frame from a non-mesh client");
-                    return CloseReason::MeshFrameFromClient;
+                | ClientFrame::ForwardPacket { .. }) => {
+                    if let Err(why) = super::mesh::handle(f, h, deps, &mut mesh_in) {
+                        return why;
+                    }
                 }
             }
         }

@@ -60,7 +60,12 @@ async fn write_frames(
                     frame::encode_keepalive(out);
                     ping = true;
                 }
+                // Drained below, whether or not this marker survived.
+                Control::MeshUpdates => {}
             }
+        }
+        if let Some(w) = h.watch() {
+            super::mesh::encode_updates(w, out);
         }
         let packets = batch.packet_count() as u64;
         let mut bytes = 0u64;

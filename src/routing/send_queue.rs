@@ -26,6 +26,8 @@ pub enum Control {
     Pong([u8; 8]),
     PeerGone(PublicKey, PeerGoneReason),
     KeepAlive,
+    /// Mesh presence updates are waiting in the handle's watch queue.
+    MeshUpdates,
 }
 
 /// What the writer takes out of the queue in one go.
