@@ -42,7 +42,7 @@ pub async fn accept(
     deps: Arc<ConnDeps>,
     remote: SocketAddr,
     transport: Transport,
-    slot: ClientSlot,
+    slot: Option<ClientSlot>,
     pending: impl Send,
 ) {
     let shared = deps.state.clone();

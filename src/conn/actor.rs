@@ -35,7 +35,7 @@ pub struct ConnArgs {
     pub(super) writer: ConnWriter,
     pub(super) read_buf: BytesMut,
     pub(super) server_info: BytesMut,
-    pub(super) slot: ClientSlot,
+    pub(super) slot: Option<ClientSlot>,
 }
 
 pub struct ConnState {
@@ -43,7 +43,7 @@ pub struct ConnState {
     deps: Arc<ConnDeps>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
-    _slot: ClientSlot,
+    _slot: Option<ClientSlot>,
 }
 
 impl Drop for ConnState {
@@ -90,7 +90,10 @@ impl Actor for ConnectionActor {
         let mesh_key = shared.mesh_key.as_ref();
         let mesh_peer = a.info.is_mesh_peer(mesh_key);
         handle.set_role(mesh_peer, a.info.is_prober);
-        let verdict = if !mesh_peer && a.info.presents_mesh_key() {
+        let verdict = if !mesh_peer && a.slot.is_none() {
+            // Let past the client cap for being a peer's address, but no peer.
+            Err(crate::reasons::RefuseReason::Cap)
+        } else if !mesh_peer && a.info.presents_mesh_key() {
             // A well-formed key that is not ours: a misconfigured peer (or a
             // guess). Refused, so it shows up instead of half-working.
             Err(crate::reasons::RefuseReason::MeshKey)

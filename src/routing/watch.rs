@@ -71,7 +71,7 @@ mod tests {
             (true, true)
         );
         assert_eq!(q.push(k(1), Presence::Gone), (true, false));
-        assert_eq!(q.push(k(2), Presence::Gone).0, true);
+        assert!(q.push(k(2), Presence::Gone).0);
         assert!(!q.push(k(3), Presence::Gone).0);
         let d = q.drain();
         assert_eq!(d.get(&k(1)), Some(&Presence::Gone));
