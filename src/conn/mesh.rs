@@ -42,13 +42,22 @@ pub(super) fn handle(
                 c.close(CloseReason::ClosePeer);
             }
         }
-        ClientFrame::ForwardPacket { src, dst, packet } => forward_in(src, dst, packet, deps, st),
+        ClientFrame::ForwardPacket { src, dst, packet } => {
+            forward_in(h.key, src, dst, packet, deps, st)
+        }
         _ => {}
     }
     Ok(())
 }
 
-fn forward_in(src: PublicKey, dst: PublicKey, packet: Bytes, deps: &ConnDeps, st: &mut MeshIn) {
+fn forward_in(
+    via: PublicKey,
+    src: PublicKey,
+    dst: PublicKey,
+    packet: Bytes,
+    deps: &ConnDeps,
+    st: &mut MeshIn,
+) {
     let shared = &deps.state;
     let m = &shared.metrics;
     let len = packet.len() as u64;
@@ -62,7 +71,7 @@ fn forward_in(src: PublicKey, dst: PublicKey, packet: Bytes, deps: &ConnDeps, st
                 m.dropped(r).inc();
             }
             if st.last != Some((src, dst, conn)) {
-                shared.clients.remote.note_receiver(&src, dst, conn);
+                shared.clients.remote.note_receiver(&src, via, dst, conn);
                 st.last = Some((src, dst, conn));
             }
         }

@@ -181,19 +181,29 @@ impl ForwardQueue {
 struct RemoteSlot {
     /// Links announcing the key, first announced first (preferred).
     links: Vec<std::sync::Arc<MeshLink>>,
-    /// Local receivers of packets forwarded from this key, with their
-    /// connection id, told PeerGone when it leaves the region.
-    receivers: HashMap<PublicKey, u64>,
 }
 
 /// Remote keys → mesh links. Written by the link tasks, read by senders.
 #[derive(Default)]
 pub struct RemoteKeys {
     map: DashMap<PublicKey, RemoteSlot>,
+    /// Per remote sender, the local receivers of packets forwarded from it
+    /// (with their connection id), told PeerGone when it leaves the region.
+    /// Apart from `map`: a forwarded packet can arrive (on the peer's link
+    /// to us) before the PeerPresent for its sender (on ours to the peer).
+    receivers: DashMap<PublicKey, Receivers>,
     links: RwLock<Vec<std::sync::Arc<MeshLink>>>,
     /// Addresses mesh peers are dialled at: their connections to us come
     /// from there and are not held to per-address limits.
     peer_ips: RwLock<HashSet<IpAddr>>,
+}
+
+/// Local receivers of one remote sender, and the peer (server key) its
+/// packets came from.
+#[derive(Default)]
+struct Receivers {
+    via: Option<PublicKey>,
+    to: HashMap<PublicKey, u64>,
 }
 
 /// Receivers to tell that a key left the region (key, [(receiver, conn)]).
@@ -278,6 +288,11 @@ impl RemoteKeys {
     /// tell if no link reaches it any more.
     pub fn gone(&self, key: &PublicKey, link: &MeshLink) -> Option<Departed> {
         link.keys().remove(key);
+        if !self.map.contains_key(key) {
+            // Never announced to us: the peer coalesced a short visit's
+            // PeerPresent away. Whoever got its packets is still told.
+            return self.receivers.remove(key).map(|(k, r)| (k, r.to));
+        }
         self.withdraw(key, link.id)
     }
 
@@ -289,26 +304,49 @@ impl RemoteKeys {
         if !e.get().links.is_empty() {
             return None;
         }
-        let slot = e.remove();
-        Some((*key, slot.receivers))
+        e.remove();
+        let receivers = self
+            .receivers
+            .remove(key)
+            .map(|(_, r)| r.to)
+            .unwrap_or_default();
+        Some((*key, receivers))
     }
 
     /// The link is down: every key learned through it is withdrawn (they are
     /// relearned from the next flood). Returns the keys that left the region.
     pub fn link_down(&self, link: &MeshLink) -> Vec<Departed> {
         let keys: Vec<PublicKey> = link.keys().drain().collect();
-        keys.iter()
+        let mut gone: Vec<Departed> = keys
+            .iter()
             .filter_map(|k| self.withdraw(k, link.id))
-            .collect()
+            .collect();
+        // Senders whose packets came from this peer but whose PeerPresent
+        // never reached us (the peer died first): gone with the peer.
+        if let Some(peer) = link.peer_key() {
+            let orphans: Vec<PublicKey> = self
+                .receivers
+                .iter()
+                .filter(|e| e.via == Some(peer) && !self.map.contains_key(e.key()))
+                .map(|e| *e.key())
+                .collect();
+            gone.extend(
+                orphans
+                    .into_iter()
+                    .filter_map(|k| self.receivers.remove(&k).map(|(k, r)| (k, r.to))),
+            );
+        }
+        gone
     }
 
     /// A packet forwarded from remote `src` was delivered to local `dst`
     /// (connection `conn`): remember `dst` for PeerGone when `src` leaves.
-    pub fn note_receiver(&self, src: &PublicKey, dst: PublicKey, conn: u64) {
-        if let Some(mut slot) = self.map.get_mut(src)
-            && (slot.receivers.len() < MAX_RECEIVERS || slot.receivers.contains_key(&dst))
-        {
-            slot.receivers.insert(dst, conn);
+    /// `via` is the server key of the peer that forwarded it.
+    pub fn note_receiver(&self, src: &PublicKey, via: PublicKey, dst: PublicKey, conn: u64) {
+        let mut r = self.receivers.entry(*src).or_default();
+        r.via = Some(via);
+        if r.to.len() < MAX_RECEIVERS || r.to.contains_key(&dst) {
+            r.to.insert(dst, conn);
         }
     }
 
@@ -320,14 +358,20 @@ impl RemoteKeys {
         key: &PublicKey,
         receivers: &mut HashMap<PublicKey, u64>,
     ) -> bool {
-        let Some(mut slot) = self.map.get_mut(key) else {
+        // The slot's shard lock is held throughout, so a concurrent
+        // withdrawal either sees these receivers or makes this return false.
+        let Some(slot) = self.map.get(key) else {
             return false;
         };
+        let mut r = self.receivers.entry(*key).or_default();
+        if r.via.is_none() {
+            r.via = slot.links.first().and_then(|l| l.peer_key());
+        }
         for (k, c) in receivers.drain() {
-            if slot.receivers.len() >= MAX_RECEIVERS {
+            if r.to.len() >= MAX_RECEIVERS {
                 break;
             }
-            slot.receivers.insert(k, c);
+            r.to.insert(k, c);
         }
         true
     }
@@ -363,7 +407,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(b.queue.lock().pending.len(), 1);
-        r.note_receiver(&k(9), k(5), 7);
+        r.note_receiver(&k(9), k(100), k(5), 7);
         let (key, receivers) = r.link_down(&b).pop().unwrap();
         assert_eq!(key, k(9));
         assert_eq!(receivers.get(&k(5)), Some(&7));

@@ -131,6 +131,9 @@ impl Clients {
         let mut ok = true;
         for slot in self.map.iter() {
             let h = &slot.active;
+            if h.key == w.key {
+                continue;
+            }
             ok &= q
                 .push(
                     h.key,
