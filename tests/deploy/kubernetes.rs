@@ -70,9 +70,15 @@ fn kubernetes_manifests_match_the_relay_and_each_other() {
         .expect("--mesh-dns in the args")
         .clone();
     let mesh_name = str_of(get(&mesh, &["metadata", "name"]));
-    assert!(dns.starts_with(&format!("{mesh_name}.")), "{dns} names the headless Service");
-    let env = serde_yaml::to_string(get(relay, &["env"])).unwrap();
-    assert!(env.contains("DERP_RELAY_MESH_KEY") && env.contains("derp-relay-mesh"), "mesh key from its Secret");
+    assert!(
+        dns.starts_with(&format!("{mesh_name}.")),
+        "{dns} names the headless Service"
+    );
+    let env = serde_norway::to_string(get(relay, &["env"])).unwrap();
+    assert!(
+        env.contains("DERP_RELAY_MESH_KEY") && env.contains("derp-relay-mesh"),
+        "mesh key from its Secret"
+    );
     // The Secret's value, as the pod would have it.
     args.extend(["--mesh-key".to_owned(), "00".repeat(32)]);
     let config = load_args("deployment args", &args);
