@@ -6,7 +6,7 @@
 //! `protocol` (frames, handshake boxes, keys: pure), `reasons` (how things
 //! end), `config` → `routing` (table, client handle, send queue) and
 //! `admission` (allowed keys, bindings, server key, `admit`) → `metrics`,
-//! `limits` → `state` (what the running relay shares) → `conn` (one client,
+//! `limits`, `memory` (returns freed heap) → `state` (what the running relay shares) → `conn` (one client,
 //! upgrade to close) → `actors` (control plane) and `http` (accept loop,
 //! routes) → `relay` (wires it all). `client` and `cli` are the outside tools.
 //!
@@ -25,6 +25,7 @@ pub mod conn;
 pub mod edge;
 pub mod http;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod protocol;
 pub mod reasons;

@@ -110,6 +110,12 @@ pub enum CloseReason {
     WriteTimeout,
     /// The client sent a malformed, oversized or server-only frame.
     BadFrame,
+    /// A WebSocket text message: DERP travels in binary messages only
+    /// (WebSocket close code 1003, as upstream).
+    TextMessage,
+    /// A WebSocket framing violation (bad opcode or reserved bits, masking,
+    /// oversized message, ...): close code 1002, as upstream.
+    WsProtocol,
     /// A mesh frame (WatchConns, ClosePeer, ForwardPacket) from a non-mesh client.
     MeshFrameFromClient,
     /// The key was removed from the allowed-keys file.
@@ -122,12 +128,14 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::Eof,
         CloseReason::ReadError,
         CloseReason::WriteError,
         CloseReason::WriteTimeout,
         CloseReason::BadFrame,
+        CloseReason::TextMessage,
+        CloseReason::WsProtocol,
         CloseReason::MeshFrameFromClient,
         CloseReason::AclRemoved,
         CloseReason::GoingAway,
@@ -141,6 +149,8 @@ impl CloseReason {
             CloseReason::WriteError => "write_error",
             CloseReason::WriteTimeout => "write_timeout",
             CloseReason::BadFrame => "bad_frame",
+            CloseReason::TextMessage => "text_message",
+            CloseReason::WsProtocol => "ws_protocol_error",
             CloseReason::MeshFrameFromClient => "mesh_frame_from_client",
             CloseReason::AclRemoved => "acl_removed",
             CloseReason::GoingAway => "going_away",

@@ -34,6 +34,7 @@ pub struct Relay {
     accept_task: tokio::task::JoinHandle<()>,
     stun: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
     fatal: watch::Receiver<Option<String>>,
+    _trimmer: crate::memory::Trimmer,
 }
 
 impl Relay {
@@ -110,6 +111,7 @@ impl Relay {
             accept_task,
             stun,
             fatal,
+            _trimmer: crate::memory::Trimmer::start(),
         })
     }
 

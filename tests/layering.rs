@@ -14,6 +14,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("admission", &["protocol", "reasons"]),
     ("metrics", &["reasons", "admission"]),
     ("limits", &["config"]),
+    ("memory", &[]),
     (
         "state",
         &[
