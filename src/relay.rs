@@ -55,7 +55,8 @@ impl Relay {
         }
         let bindings = Bindings::load(&bpath)?;
         let secret = load_or_create_key(&config.server_key_path())?;
-        let shared = Arc::new(Shared::new(config, secret, acl, bindings));
+        let verify = Arc::new(crate::edge::verify_url::HttpVerify::new());
+        let shared = Arc::new(Shared::new(config, secret, acl, bindings, verify));
         let actors = Arc::new(Actors::default());
         let deps = Arc::new(ConnDeps {
             state: shared.clone(),

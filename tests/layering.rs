@@ -28,7 +28,13 @@ const RULES: &[(&str, &[&str])] = &[
     (
         "conn",
         &[
-            "state", "routing", "protocol", "reasons", "metrics", "config",
+            "state",
+            "routing",
+            "protocol",
+            "reasons",
+            "metrics",
+            "config",
+            "admission",
         ],
     ),
     (

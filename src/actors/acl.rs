@@ -129,7 +129,7 @@ fn reload(shared: &Shared, actors: &Actors, path: &Path) {
     match AllowedKeys::load(path) {
         Ok(new) => {
             let old = shared.acl();
-            m.acl_reloads.with_label_values(&["ok"]).inc();
+            m.acl_read(true);
             shared.set_acl_status(AclStatus {
                 last_reload: Some(SystemTime::now()),
                 last_error: None,
@@ -153,7 +153,7 @@ fn reload(shared: &Shared, actors: &Actors, path: &Path) {
             }
         }
         Err(e) => {
-            m.acl_reloads.with_label_values(&["failed"]).inc();
+            m.acl_read(false);
             tracing::error!(target: "derp_relay::admission", error = %e, "allowed keys file rejected; keeping the last good set");
             let mut s = shared.acl_status();
             s.last_error = Some(e);

@@ -235,3 +235,19 @@ impl RootState {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_child_has_its_restart_series() {
+        for c in [Child::Metrics, Child::Tofu, Child::Acl, Child::Registry] {
+            assert!(
+                crate::reasons::RESTARTABLE_ACTORS.contains(&c.name()),
+                "{} missing from RESTARTABLE_ACTORS",
+                c.name()
+            );
+        }
+    }
+}

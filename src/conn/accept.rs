@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use super::ConnDeps;
 use super::actor::{ConnArgs, ConnectionActor};
 use super::preauth::PreAuth;
+use crate::admission::UrlVerdict;
 use crate::protocol::frame::{self, FrameType};
 use crate::protocol::handshake::server_info_json;
 use crate::protocol::{ClientInfo, FrameError, PublicKey};
@@ -68,6 +69,18 @@ pub async fn accept(
             return;
         }
     };
+    // MESH HOOK: a mesh peer (its ClientInfo carries the relay's mesh key)
+    // is trusted before admission and is never asked about: skip this call
+    // for it, and mark its handle so the periodic re-check skips it too.
+    let url = match shared.verify_client(&key, remote.ip()).await {
+        None => UrlVerdict::NotAsked,
+        Some(c) => {
+            if let Some(e) = &c.error {
+                tracing::warn!(target: "derp_relay::admission", %key, %remote, error = %e, fail_open = c.verdict == (UrlVerdict::Unavailable { fail_open: true }), "verify URL gave no usable answer");
+            }
+            c.verdict
+        }
+    };
     let sealed = shared
         .secret
         .seal_server_info(&key, &server_info_json(None));
@@ -85,6 +98,7 @@ pub async fn accept(
         read_buf: buf,
         server_info,
         slot,
+        url,
     };
     let Some(root) = deps.supervisor.get().cloned() else {
         return; // not started yet; cannot happen once serving

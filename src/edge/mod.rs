@@ -3,3 +3,4 @@
 //! metrics, so a flood on one cannot slow the relaying of packets.
 
 pub mod stun;
+pub mod verify_url;
