@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod registry;
 pub mod supervisor;
 pub mod tofu;
+pub mod verify;
 
 use std::sync::{Arc, RwLock};
 

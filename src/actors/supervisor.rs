@@ -99,7 +99,8 @@ async fn spawn_child(
             actors.tofu.set(Some(r.clone()));
             Some(r.get_id())
         }
-        Child::Acl => match &shared.config.allowed_keys_file {
+        // The live path: a restart after a SIGHUP re-point watches the new file.
+        Child::Acl => match &shared.live().allowed_keys_file {
             Some(path) => {
                 let args = (shared.clone(), actors.clone(), path.clone());
                 let (r, _) = Actor::spawn_linked(None, AclActor, args, root).await?;
