@@ -36,6 +36,9 @@ pub struct Relay {
     fatal: watch::Receiver<Option<String>>,
     /// Re-asks the verify URL about connected keys.
     verify_recheck: tokio::task::JoinHandle<()>,
+    /// The configuration as loaded at start (before fitting to the
+    /// descriptor limit): restart-only settings are compared with it.
+    started: Config,
     /// The configuration last applied (start, then each good reload).
     applied: std::sync::Mutex<Config>,
 }
@@ -52,6 +55,8 @@ pub struct ReloadReport {
 impl Relay {
     /// Validates, starts the supervisor tree, then binds and serves.
     pub async fn start(mut config: Config) -> Result<Relay, String> {
+        // As the operator wrote it, before any fitting: what a reload compares with.
+        let loaded = config.clone();
         crate::limits::fit_clients_to_descriptors(&mut config);
         let listen = config.listen_addr().map_err(|e| e.0)?;
         let acl = match &config.allowed_keys_file {
@@ -118,7 +123,8 @@ impl Relay {
             shared.clone(),
             actors.clone(),
         ));
-        let applied = std::sync::Mutex::new(shared.config.clone());
+        let started = loaded.clone();
+        let applied = std::sync::Mutex::new(loaded);
         tracing::info!(%addr, server_key = %shared.secret.public().to_nodekey_hex(), "derp-relay listening");
         Ok(Relay {
             shared,
@@ -130,6 +136,7 @@ impl Relay {
             stun,
             fatal,
             verify_recheck,
+            started,
             applied,
         })
     }
@@ -141,7 +148,7 @@ impl Relay {
     /// does not parse) changes nothing and says why.
     pub fn reload(&self, new: Config) -> Result<ReloadReport, String> {
         let shared = &self.shared;
-        let restart_only = shared.config.restart_only_changes(&new);
+        let restart_only = self.started.restart_only_changes(&new);
         let mut live = new.live();
         let old_live = shared.live();
         if restart_only.iter().any(|k| k == "allowed_keys_file") {
