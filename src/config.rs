@@ -508,7 +508,9 @@ impl Config {
             .iter()
             .filter(|(k, v)| newv.get(k.as_str()) != Some(v))
             .map(|(k, _)| k.clone())
-            .filter(|k| !LIVE_KEYS.contains(&k.as_str()) || (k == "allowed_keys_file" && acl_switch))
+            .filter(|k| {
+                !LIVE_KEYS.contains(&k.as_str()) || (k == "allowed_keys_file" && acl_switch)
+            })
             .collect();
         keys.sort();
         keys
@@ -639,7 +641,12 @@ pub fn verify_url_parts(u: &str) -> Result<(bool, String, u16, String), ConfigEr
     let path = uri
         .path_and_query()
         .map_or("/".to_owned(), |p| p.as_str().to_owned());
-    Ok((tls, host, port, if path.is_empty() { "/".into() } else { path }))
+    Ok((
+        tls,
+        host,
+        port,
+        if path.is_empty() { "/".into() } else { path },
+    ))
 }
 
 /// `:PORT` (every interface) or `IP:PORT`.

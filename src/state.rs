@@ -160,7 +160,11 @@ impl Shared {
     /// The verify URL's verdict on `key` from `source`, asked only when
     /// `admit` will weigh it (a URL is set, the key is not listed). Runs in
     /// the connection's own task: handshakes wait on their own answers only.
-    pub async fn verify_client(&self, key: &PublicKey, source: std::net::IpAddr) -> Option<Checked> {
+    pub async fn verify_client(
+        &self,
+        key: &PublicKey,
+        source: std::net::IpAddr,
+    ) -> Option<Checked> {
         let live = self.live();
         let v = live.verify.as_ref()?;
         let acl = self.acl();
@@ -186,7 +190,11 @@ impl Shared {
     /// given the verify URL's verdict asked beforehand. Returns the key's
     /// ACL label. Called by the registry as it registers the client, so an
     /// ACL reload cannot slip between check and registration.
-    pub fn admit(&self, key: &PublicKey, url: UrlVerdict) -> Result<Option<Arc<str>>, RefuseReason> {
+    pub fn admit(
+        &self,
+        key: &PublicKey,
+        url: UrlVerdict,
+    ) -> Result<Option<Arc<str>>, RefuseReason> {
         if self.is_draining() {
             return Err(RefuseReason::ShuttingDown);
         }

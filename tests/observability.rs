@@ -270,7 +270,10 @@ async fn every_dashboard_and_alert_metric_is_in_a_fresh_scrape() {
     let (status, text) = get(([127, 0, 0, 1], port).into(), "/metrics", "").await;
     assert_eq!(status, 200);
     let mut live = std::collections::BTreeSet::new();
-    for l in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for l in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let name = l.split(['{', ' ']).next().unwrap();
         live.extend(promql_metrics(name));
     }
@@ -283,7 +286,11 @@ async fn every_dashboard_and_alert_metric_is_in_a_fresh_scrape() {
     for g in alerts["groups"].as_sequence().unwrap() {
         for r in g["rules"].as_sequence().unwrap() {
             let expr = r["expr"].as_str().unwrap();
-            used.extend(promql_metrics(expr).into_iter().map(|m| (m, expr.to_owned())));
+            used.extend(
+                promql_metrics(expr)
+                    .into_iter()
+                    .map(|m| (m, expr.to_owned())),
+            );
         }
     }
     let dash: serde_json::Value = serde_json::from_str(
@@ -293,7 +300,11 @@ async fn every_dashboard_and_alert_metric_is_in_a_fresh_scrape() {
     for p in dash["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().into_iter().flatten() {
             let expr = t["expr"].as_str().unwrap();
-            used.extend(promql_metrics(expr).into_iter().map(|m| (m, expr.to_owned())));
+            used.extend(
+                promql_metrics(expr)
+                    .into_iter()
+                    .map(|m| (m, expr.to_owned())),
+            );
         }
     }
     assert!(used.len() > 10);
@@ -347,7 +358,10 @@ async fn metrics_addr_serves_where_it_is_told() {
         ..test_config()
     };
     let e = both.metrics_listen().unwrap_err().0;
-    assert!(e.contains("metrics_addr") && e.contains("metrics_port"), "{e}");
+    assert!(
+        e.contains("metrics_addr") && e.contains("metrics_port"),
+        "{e}"
+    );
     drop(relay);
 }
 

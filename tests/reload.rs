@@ -16,7 +16,10 @@ use common::*;
 fn lines_of(stderr: std::process::ChildStderr) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             if tx.send(line).is_err() {
                 return;
             }
@@ -109,7 +112,10 @@ async fn sighup_applies_live_settings_and_names_the_rest() {
     // the log line; wait for it rather than for a fixed time.
     let deadline = tokio::time::Instant::now() + WAIT;
     while !second_is_limited(addr).await {
-        assert!(tokio::time::Instant::now() < deadline, "rate limit never applied");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rate limit never applied"
+        );
     }
     // debug is now on: a failed handshake is logged at debug.
     drop(RawClient::start(addr, Via::Derp).await);

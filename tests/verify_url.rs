@@ -125,7 +125,11 @@ async fn client_from(
     src: IpAddr,
     kp: &NodeKeyPair,
 ) -> Result<ts_derp::Client<BoxIo>, String> {
-    let io: BoxIo = Box::new(derp_upgrade_from(addr, src).await.map_err(|e| e.to_string())?);
+    let io: BoxIo = Box::new(
+        derp_upgrade_from(addr, src)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     match tokio::time::timeout(WAIT, ts_derp::Client::handshake(io, kp)).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err("handshake timed out".into()),
@@ -164,13 +168,21 @@ async fn slow_down_and_malformed_fail_closed() {
     // Slow: the service never answers; the 300 ms timeout decides.
     let svc = VerifyServer::start(Mode::Hang).await;
     let r = relay_asking(svc.url(), |_| {}).await;
-    assert!(try_ts_client(r.addr, Via::Ws, &NodeKeyPair::random()).await.is_err());
+    assert!(
+        try_ts_client(r.addr, Via::Ws, &NodeKeyPair::random())
+            .await
+            .is_err()
+    );
     assert_eq!(checks(&r, VerifyResult::Timeout), 1);
     assert_eq!(refused(r.relay(), RefuseReason::VerifyUnavailable), 1);
 
     // Malformed: 200 but not {"Allow":bool}.
     svc.set(Mode::Malformed);
-    assert!(try_ts_client(r.addr, Via::Derp, &NodeKeyPair::random()).await.is_err());
+    assert!(
+        try_ts_client(r.addr, Via::Derp, &NodeKeyPair::random())
+            .await
+            .is_err()
+    );
     assert_eq!(checks(&r, VerifyResult::Error), 1);
     assert_eq!(refused(r.relay(), RefuseReason::VerifyUnavailable), 2);
 
@@ -180,7 +192,11 @@ async fn slow_down_and_malformed_fail_closed() {
         l.local_addr().unwrap()
     };
     let r2 = relay_asking(format!("http://{down}/verify"), |_| {}).await;
-    assert!(try_ts_client(r2.addr, Via::Derp, &NodeKeyPair::random()).await.is_err());
+    assert!(
+        try_ts_client(r2.addr, Via::Derp, &NodeKeyPair::random())
+            .await
+            .is_err()
+    );
     assert_eq!(checks(&r2, VerifyResult::Error), 1);
     assert_eq!(refused(r2.relay(), RefuseReason::VerifyUnavailable), 1);
 }
@@ -203,7 +219,11 @@ async fn fail_open_admits_when_the_service_is_down() {
     // A definite deny still refuses under fail-open.
     let svc = VerifyServer::start(Mode::Deny).await;
     let r2 = relay_asking(svc.url(), |c| c.verify_client_url_fail_open = true).await;
-    assert!(try_ts_client(r2.addr, Via::Derp, &NodeKeyPair::random()).await.is_err());
+    assert!(
+        try_ts_client(r2.addr, Via::Derp, &NodeKeyPair::random())
+            .await
+            .is_err()
+    );
     assert_eq!(refused(r2.relay(), RefuseReason::VerifyDenied), 1);
 }
 
@@ -219,10 +239,16 @@ async fn answers_are_cached_per_key_and_address() {
     let first = client_from(r.addr, src, &kp).await.expect("admitted");
     drop(first);
     let _again = client_from(r.addr, src, &kp).await.expect("admitted again");
-    assert_eq!(svc.asked(), 1, "the second connect was answered from the cache");
+    assert_eq!(
+        svc.asked(),
+        1,
+        "the second connect was answered from the cache"
+    );
     assert_eq!(checks(&r, VerifyResult::CachedAllow), 1);
     // Another address is another question.
-    let _other = client_from(r.addr, next_source_ip(), &kp).await.expect("admitted");
+    let _other = client_from(r.addr, next_source_ip(), &kp)
+        .await
+        .expect("admitted");
     assert_eq!(svc.asked(), 2);
 
     // With the cache off every connect asks.
@@ -246,7 +272,11 @@ async fn listed_keys_are_never_asked() {
         .await
         .expect("a listed key passes without asking");
     assert_eq!(svc.asked(), 0);
-    assert!(try_ts_client(r.addr, Via::Derp, &NodeKeyPair::random()).await.is_err());
+    assert!(
+        try_ts_client(r.addr, Via::Derp, &NodeKeyPair::random())
+            .await
+            .is_err()
+    );
     assert_eq!(svc.asked(), 1, "an unlisted key is asked about");
     assert_eq!(refused(r.relay(), RefuseReason::VerifyDenied), 1);
 }
@@ -260,7 +290,9 @@ async fn a_connected_key_the_url_later_refuses_is_evicted() {
     })
     .await;
     let kp = NodeKeyPair::random();
-    let c = try_ts_client(r.addr, Via::Derp, &kp).await.expect("admitted");
+    let c = try_ts_client(r.addr, Via::Derp, &kp)
+        .await
+        .expect("admitted");
     // While the URL still allows, re-checks keep it.
     eventually("a re-check", || svc.asked() >= 2).await;
     assert_eq!(r.relay().shared.clients.len(), 1);
@@ -273,7 +305,12 @@ async fn a_connected_key_the_url_later_refuses_is_evicted() {
             == 1
     })
     .await;
-    eventually("the registry forgets it", || r.relay().shared.clients.is_empty()).await;
-    let gone = tokio::time::timeout(WAIT, c.recv_one()).await.expect("closed in time");
+    eventually("the registry forgets it", || {
+        r.relay().shared.clients.is_empty()
+    })
+    .await;
+    let gone = tokio::time::timeout(WAIT, c.recv_one())
+        .await
+        .expect("closed in time");
     assert!(gone.is_err(), "the client saw its connection end");
 }

@@ -111,7 +111,9 @@ mod tests {
         assert!(admit(&k, Some(&acl), true, deny, true, |_| false).is_ok());
         // Unlisted keys: the URL decides, not the file.
         assert_eq!(
-            admit(&other, Some(&acl), true, UrlVerdict::Allow, false, |_| false),
+            admit(&other, Some(&acl), true, UrlVerdict::Allow, false, |_| {
+                false
+            }),
             Ok(None)
         );
         assert_eq!(
@@ -123,7 +125,10 @@ mod tests {
             admit(&other, None, true, down(false), false, |_| true),
             Err(RefuseReason::VerifyUnavailable)
         );
-        assert_eq!(admit(&other, None, true, down(true), false, |_| true), Ok(None));
+        assert_eq!(
+            admit(&other, None, true, down(true), false, |_| true),
+            Ok(None)
+        );
         // Then TOFU: allowed by the URL but unbound under --tofu-lock.
         assert_eq!(
             admit(&other, None, true, UrlVerdict::Allow, true, |_| false),

@@ -29,7 +29,9 @@ pub enum UrlVerdict {
     Deny,
     /// No usable answer (down, slow, malformed); `fail_open` says what the
     /// operator chose for that case.
-    Unavailable { fail_open: bool },
+    Unavailable {
+        fail_open: bool,
+    },
 }
 
 /// Why a question got no usable answer.
@@ -87,7 +89,10 @@ pub fn parse_answer(status: u16, body: &[u8]) -> Result<bool, String> {
     match serde_json::from_slice::<Response>(body) {
         Ok(Response { allow: Some(a) }) => Ok(a),
         Ok(Response { allow: None }) => Err(format!("answer has no \"Allow\": {:?}", shown())),
-        Err(e) => Err(format!("answer is not {{\"Allow\":bool}} ({e}): {:?}", shown())),
+        Err(e) => Err(format!(
+            "answer is not {{\"Allow\":bool}} ({e}): {:?}",
+            shown()
+        )),
     }
 }
 
@@ -109,7 +114,14 @@ impl AnswerCache {
         (now.duration_since(*at) < ttl).then_some(*allow)
     }
 
-    pub fn insert(&mut self, k: (PublicKey, IpAddr), allow: bool, ttl: Duration, cap: usize, now: Instant) {
+    pub fn insert(
+        &mut self,
+        k: (PublicKey, IpAddr),
+        allow: bool,
+        ttl: Duration,
+        cap: usize,
+        now: Instant,
+    ) {
         if cap == 0 || ttl.is_zero() {
             self.map.clear();
             self.order.clear();
@@ -193,7 +205,11 @@ impl Verifier {
         let ck = (*key, source.to_canonical());
         if let Some(allow) = self.cache().get(&ck, p.cache_ttl, Instant::now()) {
             return Checked {
-                verdict: if allow { UrlVerdict::Allow } else { UrlVerdict::Deny },
+                verdict: if allow {
+                    UrlVerdict::Allow
+                } else {
+                    UrlVerdict::Deny
+                },
                 result: if allow {
                     VerifyResult::CachedAllow
                 } else {
@@ -216,7 +232,11 @@ impl Verifier {
                 self.cache()
                     .insert(ck, allow, p.cache_ttl, p.cache_size, Instant::now());
                 Checked {
-                    verdict: if allow { UrlVerdict::Allow } else { UrlVerdict::Deny },
+                    verdict: if allow {
+                        UrlVerdict::Allow
+                    } else {
+                        UrlVerdict::Deny
+                    },
                     result: if allow {
                         VerifyResult::Allow
                     } else {
@@ -287,7 +307,11 @@ mod tests {
             c.insert((PublicKey([i; 32]), ip), true, ttl, 3, t0);
         }
         assert_eq!(c.len(), 3);
-        assert_eq!(c.get(&(PublicKey([0; 32]), ip), ttl, t0), None, "oldest evicted");
+        assert_eq!(
+            c.get(&(PublicKey([0; 32]), ip), ttl, t0),
+            None,
+            "oldest evicted"
+        );
         assert_eq!(c.get(&(PublicKey([4; 32]), ip), ttl, t0), Some(true));
         assert_eq!(
             c.get(&(PublicKey([4; 32]), ip), ttl, t0 + ttl),

@@ -64,7 +64,10 @@ fn compose_file_matches_the_relay() {
         .metrics_listen()
         .unwrap()
         .expect("compose serves metrics");
-    assert!(!metrics.ip().is_loopback(), "the container's loopback reaches nothing");
+    assert!(
+        !metrics.ip().is_loopback(),
+        "the container's loopback reaches nothing"
+    );
     assert!(
         ports
             .iter()

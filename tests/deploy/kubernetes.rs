@@ -184,7 +184,15 @@ fn kubernetes_manifests_match_the_relay_and_each_other() {
     // selected peer to the metrics port.
     let np = k8s("networkpolicy.yaml");
     assert_eq!(
-        str_of(get(&np, &["spec", "podSelector", "matchLabels", "app.kubernetes.io/name"])),
+        str_of(get(
+            &np,
+            &[
+                "spec",
+                "podSelector",
+                "matchLabels",
+                "app.kubernetes.io/name"
+            ]
+        )),
         "derp-relay"
     );
     let rules = get(&np, &["spec", "ingress"]).as_sequence().unwrap();
@@ -206,14 +214,18 @@ fn kubernetes_manifests_match_the_relay_and_each_other() {
         }
         if ports.iter().any(|p| p == "metrics") {
             assert!(
-                r.get("from").is_some_and(|f| !f.as_sequence().unwrap().is_empty()),
+                r.get("from")
+                    .is_some_and(|f| !f.as_sequence().unwrap().is_empty()),
                 "metrics open only to named peers"
             );
             assert_eq!(ports, ["metrics"]);
         }
     }
-    assert!(rules.iter().any(|r| ports_of(r).contains(&"http".to_string())
-        && r.get("from").is_none()));
+    assert!(
+        rules
+            .iter()
+            .any(|r| ports_of(r).contains(&"http".to_string()) && r.get("from").is_none())
+    );
 
     // Service → container ports, Ingress/ServiceMonitor → Service ports.
     let svc = k8s("service.yaml");
