@@ -885,4 +885,95 @@ mod tests {
             .0;
         assert!(e.contains("MAX_CLIENTS"), "{e}");
     }
+
+    #[test]
+    fn operator_settings_validate() {
+        let url = |u: &str| Flags {
+            verify_client_url: Some(u.into()),
+            ..Default::default()
+        };
+        // A verify URL alone is an admission policy.
+        let c = Config::load_from(&url("http://127.0.0.1:8080/verify"), no_env()).unwrap();
+        assert_eq!(c.live().verify.unwrap().timeout, Duration::from_secs(2));
+        for bad in ["ftp://x/verify", "not a url", "http:///verify"] {
+            let e = Config::load_from(&url(bad), no_env()).unwrap_err().0;
+            assert!(e.starts_with("verify_client_url:"), "{bad}: {e}");
+        }
+        let e = Config::load_from(
+            &Flags {
+                open_relay: true,
+                ..url("http://h/verify")
+            },
+            no_env(),
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("choose one"), "{e}");
+        assert_eq!(
+            verify_url_parts("https://[::1]/v?x=1").unwrap(),
+            (true, "::1".into(), 443, "/v?x=1".into())
+        );
+        let e = Config::load_from(
+            &Flags {
+                log_level: Some("info,=[".into()),
+                ..open()
+            },
+            no_env(),
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.starts_with("log_level:"), "{e}");
+        let m = |addr: Option<&str>, port| Config {
+            metrics_addr: addr.map(Into::into),
+            metrics_port: port,
+            ..Config::default()
+        };
+        assert_eq!(m(None, 0).metrics_listen().unwrap(), None);
+        assert_eq!(
+            m(None, 9090).metrics_listen().unwrap(),
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(
+            m(Some(":9090"), 0).metrics_listen().unwrap(),
+            Some("[::]:9090".parse().unwrap())
+        );
+        assert!(m(Some("0.0.0.0:9090"), 9090).metrics_listen().is_err());
+        assert!(
+            m(Some("nowhere"), 0)
+                .metrics_listen()
+                .unwrap_err()
+                .0
+                .starts_with("metrics_addr:")
+        );
+    }
+
+    #[test]
+    fn restart_only_changes_skip_live_keys() {
+        let old = Config {
+            allowed_keys_file: Some("a".into()),
+            ..Config::default()
+        };
+        let new = Config {
+            rate_limit: 1,
+            log_level: Some("debug".into()),
+            allowed_keys_file: Some("b".into()),
+            max_clients: 3,
+            addr: ":1".into(),
+            ..old.clone()
+        };
+        assert_eq!(old.restart_only_changes(&new), ["addr", "max_clients"]);
+        // Turning the file off (for open_relay) is a restart.
+        let open = Config {
+            allowed_keys_file: None,
+            open_relay: true,
+            ..old.clone()
+        };
+        assert_eq!(
+            old.restart_only_changes(&open),
+            ["allowed_keys_file", "open_relay"]
+        );
+        for k in LIVE_KEYS {
+            assert!(Config::keys().contains(&k.to_string()), "{k} is a setting");
+        }
+    }
 }

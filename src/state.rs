@@ -27,6 +27,8 @@ pub struct Shared {
     live: watch::Sender<Arc<LiveSettings>>,
     /// `--verify-client-url`'s client and answer cache.
     pub verifier: Verifier,
+    /// When the last "no usable answer" warning was logged (`now_ms`).
+    verify_warned_ms: AtomicU64,
     pub secret: ServerSecret,
     pub metrics: Arc<Metrics>,
     pub clients: Arc<Clients>,
@@ -75,6 +77,7 @@ impl Shared {
             bindings: std::sync::Mutex::new(bindings),
             live: watch::Sender::new(Arc::new(config.live())),
             verifier: Verifier::new(verify),
+            verify_warned_ms: AtomicU64::new(0),
             config,
             secret,
             metrics: Arc::new(metrics),
@@ -180,8 +183,25 @@ impl Shared {
         };
         let checked = self.verifier.check(policy, key, source).await;
         self.metrics.verify(checked.result).inc();
-        if checked.verdict == (UrlVerdict::Unavailable { fail_open: true }) {
+        let fail_open = checked.verdict == (UrlVerdict::Unavailable { fail_open: true });
+        if fail_open {
             self.metrics.verify_fail_open.inc();
+        }
+        if let Some(e) = &checked.error {
+            // While the service is down every connecting client fails the
+            // same way: one warning a second, the rest at debug.
+            let now = self.now_ms();
+            let last = self.verify_warned_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 1_000
+                && self
+                    .verify_warned_ms
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(target: "derp_relay::admission", %key, %source, error = %e, fail_open, "verify URL gave no usable answer (further ones this second at debug)");
+            } else {
+                tracing::debug!(target: "derp_relay::admission", %key, %source, error = %e, fail_open, "verify URL gave no usable answer");
+            }
         }
         Some(checked)
     }

@@ -136,3 +136,90 @@ async fn sighup_applies_live_settings_and_names_the_rest() {
     let st = child.0.wait().unwrap();
     assert!(st.success(), "{st:?}");
 }
+
+/// The reload itself, in process: a new allowed-keys path is watched and
+/// read at once (keys it lacks are disconnected), a verify URL turned on
+/// applies to the next connection, a new file that does not parse changes
+/// nothing, and a restart-only change is reported and left.
+#[tokio::test]
+async fn reload_repoints_the_acl_and_turns_on_the_verify_url() {
+    use derp_relay::metrics::{CloseReason, RefuseReason};
+    use ts_keys::NodeKeyPair;
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (dir.path().join("a.txt"), dir.path().join("b.txt"));
+    let (a, b) = (NodeKeyPair::random(), NodeKeyPair::random());
+    write_keys(&first, &[&a, &b]);
+    write_keys(&second, &[&a]);
+    let r = start_relay(|c| {
+        c.open_relay = false;
+        c.allowed_keys_file = Some(first.clone());
+    })
+    .await;
+    let relay = r.relay();
+    let _ca = ts_client(r.addr, Via::Derp, &a).await;
+    let _cb = ts_client(r.addr, Via::Derp, &b).await;
+
+    let mut new = relay.shared.config.clone();
+    new.allowed_keys_file = Some(second.clone());
+    let report = relay.reload(new.clone()).unwrap();
+    assert_eq!(report.applied, ["allowed_keys_file"]);
+    let m = relay.metrics();
+    let acl_removed = m
+        .disconnects
+        .with_label_values(&[CloseReason::AclRemoved.as_str()]);
+    eventually("b, not in the new file, is disconnected", || {
+        acl_removed.get() == 1
+    })
+    .await;
+    eventually("only a is left", || relay.shared.clients.len() == 1).await;
+
+    // A verify URL turned on live: unlisted keys are asked (here: nobody
+    // answers, so they are refused); listed ones still pass unasked.
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    new.verify_client_url = Some(format!("http://{down}/verify"));
+    let report = relay.reload(new.clone()).unwrap();
+    assert_eq!(report.applied, ["verify_client_url"]);
+    assert!(
+        try_ts_client(r.addr, Via::Derp, &NodeKeyPair::random())
+            .await
+            .is_err()
+    );
+    assert_eq!(refused(relay, RefuseReason::VerifyUnavailable), 1);
+    let _again = ts_client(r.addr, Via::Ws, &a).await;
+
+    // A new allowed-keys file that does not parse: nothing changes.
+    let bad = dir.path().join("bad.txt");
+    std::fs::write(&bad, "not a key\n").unwrap();
+    let mut broken = new.clone();
+    broken.allowed_keys_file = Some(bad);
+    broken.rate_limit = 99;
+    let e = relay.reload(broken).unwrap_err();
+    assert!(
+        e.starts_with("allowed_keys_file:") && e.contains("bad.txt:1"),
+        "{e}"
+    );
+    assert_eq!(
+        relay.shared.live().allowed_keys_file.as_deref(),
+        Some(&*second)
+    );
+    assert_eq!(relay.shared.live().rate_limit, new.rate_limit);
+
+    // Restart-only: reported, not applied.
+    let mut later = new.clone();
+    later.queue_depth = 7;
+    later.tofu_lock = true;
+    let report = relay.reload(later).unwrap();
+    assert!(
+        report.restart_only.contains(&"queue_depth".to_string()),
+        "{report:?}"
+    );
+    assert_eq!(report.applied, ["tofu_lock"]);
+    assert_eq!(relay.shared.config.queue_depth, 32);
+    assert!(relay.shared.live().tofu_lock);
+    let ok = m.config_reloads.with_label_values(&["ok"]).get();
+    let failed = m.config_reloads.with_label_values(&["failed"]).get();
+    assert_eq!((ok, failed), (3, 1));
+}

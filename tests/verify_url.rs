@@ -16,7 +16,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use ts_keys::NodeKeyPair;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum Mode {
     Allow,
     Deny,
@@ -24,6 +24,8 @@ enum Mode {
     Hang,
     /// 200 with a body that is not `{"Allow":bool}`.
     Malformed,
+    /// Never answers about this `nodekey:` key; allows every other one.
+    HangFor(&'static str),
 }
 
 /// An admission service: answers by `mode`, records every request body.
@@ -56,12 +58,14 @@ impl VerifyServer {
                                 assert_eq!(req.method(), http::Method::POST);
                                 assert_eq!(req.uri().path(), "/verify");
                                 let body = req.into_body().collect().await.unwrap().to_bytes();
-                                r.lock()
-                                    .unwrap()
-                                    .push(serde_json::from_slice(&body).unwrap());
-                                let mode = *m.lock().unwrap();
+                                let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                                r.lock().unwrap().push(req.clone());
+                                let mode = m.lock().unwrap().clone();
                                 let text = match mode {
-                                    Mode::Allow => r#"{"Allow":true}"#,
+                                    Mode::HangFor(k) if req["NodePublic"] == k => {
+                                        std::future::pending().await
+                                    }
+                                    Mode::Allow | Mode::HangFor(_) => r#"{"Allow":true}"#,
                                     Mode::Deny => r#"{"Allow":false}"#,
                                     Mode::Malformed => "ok",
                                     Mode::Hang => std::future::pending().await,
@@ -313,4 +317,26 @@ async fn a_connected_key_the_url_later_refuses_is_evicted() {
         .await
         .expect("closed in time");
     assert!(gone.is_err(), "the client saw its connection end");
+}
+
+/// Each question waits in its own connection's task: while the service sits
+/// on one key's question, another key is asked and admitted.
+#[tokio::test]
+async fn a_slow_answer_delays_only_its_own_handshake() {
+    let slow = NodeKeyPair::random();
+    let slow_key: &'static str = Box::leak(public(&slow).to_nodekey_hex().into_boxed_str());
+    let svc = VerifyServer::start(Mode::HangFor(slow_key)).await;
+    let r = relay_asking(svc.url(), |c| c.verify_client_timeout = WAIT * 2).await;
+    let addr = r.addr;
+    let waiting = tokio::spawn(async move { try_ts_client(addr, Via::Derp, &slow).await.is_ok() });
+    eventually("the slow key is being asked", || svc.asked() == 1).await;
+    let _fast = try_ts_client(r.addr, Via::Derp, &NodeKeyPair::random())
+        .await
+        .expect("admitted while the other question is pending");
+    assert!(
+        !waiting.is_finished(),
+        "the slow handshake is still waiting"
+    );
+    assert_eq!(checks(&r, VerifyResult::Allow), 1);
+    waiting.abort();
 }

@@ -74,12 +74,7 @@ pub async fn accept(
     // for it, and mark its handle so the periodic re-check skips it too.
     let url = match shared.verify_client(&key, remote.ip()).await {
         None => UrlVerdict::NotAsked,
-        Some(c) => {
-            if let Some(e) = &c.error {
-                tracing::warn!(target: "derp_relay::admission", %key, %remote, error = %e, fail_open = c.verdict == (UrlVerdict::Unavailable { fail_open: true }), "verify URL gave no usable answer");
-            }
-            c.verdict
-        }
+        Some(c) => c.verdict,
     };
     let sealed = shared
         .secret
