@@ -481,6 +481,9 @@ impl Config {
             rate_limit: self.rate_limit,
             rate_burst: self.rate_burst,
             tofu_lock: self.tofu_lock,
+            tofu_max_bindings: self.tofu_max_bindings,
+            tofu_expire: self.tofu_expire,
+            metrics_token: self.metrics_token.clone(),
             allowed_keys_file: self.allowed_keys_file.clone(),
             verify: self.verify_client_url.as_ref().map(|url| VerifySettings {
                 url: url.trim().to_owned(),
@@ -576,6 +579,9 @@ pub const LIVE_KEYS: &[&str] = &[
     "rate_limit",
     "rate_burst",
     "tofu_lock",
+    "tofu_max_bindings",
+    "tofu_expire",
+    "metrics_token",
     "allowed_keys_file",
     "log_level",
     "verify_client_url",
@@ -596,6 +602,10 @@ pub struct LiveSettings {
     pub rate_limit: u32,
     pub rate_burst: u32,
     pub tofu_lock: bool,
+    pub tofu_max_bindings: usize,
+    pub tofu_expire: Duration,
+    /// Unlocks the detailed `/healthz`.
+    pub metrics_token: Option<String>,
     /// The allowed-keys file the ACL actor watches.
     pub allowed_keys_file: Option<PathBuf>,
     /// `None`: no verify URL.

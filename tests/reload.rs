@@ -219,7 +219,35 @@ async fn reload_repoints_the_acl_and_turns_on_the_verify_url() {
     assert_eq!(report.applied, ["tofu_lock"]);
     assert_eq!(relay.shared.config.queue_depth, 32);
     assert!(relay.shared.live().tofu_lock);
+
+    // The /healthz token rotates without a restart.
+    let healthz = |token: &'static str| {
+        let addr = r.addr;
+        async move {
+            http_exchange(
+                addr,
+                next_source_ip(),
+                &format!(
+                    "GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+                     Connection: close\r\n\r\n"
+                ),
+            )
+            .await
+        }
+    };
+    assert!(!healthz("rotated").await.contains("\r\n\r\n{"));
+    let mut rotated = new.clone();
+    rotated.metrics_token = Some("rotated".into());
+    assert_eq!(
+        relay.reload(rotated).unwrap().applied,
+        ["tofu_lock", "metrics_token"]
+    );
+    assert!(
+        healthz("rotated").await.contains("\r\n\r\n{"),
+        "detail with the new token"
+    );
+
     let ok = m.config_reloads.with_label_values(&["ok"]).get();
     let failed = m.config_reloads.with_label_values(&["failed"]).get();
-    assert_eq!((ok, failed), (3, 1));
+    assert_eq!((ok, failed), (4, 1));
 }

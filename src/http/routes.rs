@@ -111,7 +111,9 @@ fn healthz(shared: Arc<Shared>, auth: Option<String>) -> Response {
     } else {
         (StatusCode::OK, "ok")
     };
-    let (Some(token), Some(auth)) = (shared.config.metrics_token.as_deref(), auth) else {
+    // The live token: a SIGHUP reload rotates it.
+    let live = shared.live();
+    let (Some(token), Some(auth)) = (live.metrics_token.as_deref(), auth) else {
         return text(
             status,
             if status == StatusCode::OK {
