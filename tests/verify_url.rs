@@ -236,6 +236,7 @@ async fn answers_are_cached_per_key_and_address() {
     let svc = VerifyServer::start(Mode::Allow).await;
     let r = relay_asking(svc.url(), |c| {
         c.verify_client_cache_ttl = Duration::from_secs(600);
+        c.metrics_token = Some("t".into());
     })
     .await;
     let kp = NodeKeyPair::random();
@@ -254,6 +255,17 @@ async fn answers_are_cached_per_key_and_address() {
         .await
         .expect("admitted");
     assert_eq!(svc.asked(), 2);
+    let detail = http_exchange(
+        r.addr,
+        next_source_ip(),
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        detail.contains(r#""verify_client":{"cached_answers":2,"fail_open":false}"#),
+        "{detail}"
+    );
+    assert!(!detail.contains("/verify"), "the URL is not shown");
 
     // With the cache off every connect asks.
     let r0 = relay_asking(svc.url(), |c| c.verify_client_cache_size = 0).await;

@@ -158,6 +158,11 @@ fn healthz(shared: Arc<Shared>, auth: Option<String>) -> Response {
         "rss_bytes": rss_bytes(),
         "acl": acl,
         "tofu_bindings": tofu_bindings,
+        // Not the URL itself: it may carry a secret in its query.
+        "verify_client": live.verify.as_ref().map(|v| serde_json::json!({
+            "fail_open": v.fail_open,
+            "cached_answers": shared.verifier.cached(),
+        })),
     });
     let mut r = Response::new(format!("{body}\n").into());
     *r.status_mut() = status;
