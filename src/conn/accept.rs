@@ -70,8 +70,10 @@ pub async fn accept(
         }
     };
     // MESH HOOK: a mesh peer (its ClientInfo carries the relay's mesh key)
-    // is trusted before admission and is never asked about: skip this call
-    // for it, and mark its handle so the periodic re-check skips it too.
+    // is trusted before every admission check and never asked about: skip
+    // this call for it (NotAsked) and have the registry skip `admit` for it
+    // (with a URL set, `admit` refuses NotAsked); mark its handle so the
+    // re-check in actors/verify.rs skips it too.
     let url = match shared.verify_client(&key, remote.ip()).await {
         None => UrlVerdict::NotAsked,
         Some(c) => c.verdict,
