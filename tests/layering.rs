@@ -29,7 +29,13 @@ const RULES: &[(&str, &[&str])] = &[
     (
         "conn",
         &[
-            "state", "routing", "protocol", "reasons", "metrics", "config",
+            "state",
+            "routing",
+            "protocol",
+            "reasons",
+            "metrics",
+            "config",
+            "admission",
         ],
     ),
     (

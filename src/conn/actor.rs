@@ -18,6 +18,7 @@ use super::reader::read_loop;
 use super::transport::{ConnReader, ConnWriter, ws_close_code};
 use super::writer::write_loop;
 use super::{ConnDeps, ConnMsg};
+use crate::admission::UrlVerdict;
 use crate::protocol::{ClientInfo, PublicKey};
 use crate::reasons::{CloseReason, DropReason, Transport};
 use crate::routing::{ClientHandle, Control};
@@ -36,6 +37,8 @@ pub struct ConnArgs {
     pub(super) read_buf: BytesMut,
     pub(super) server_info: BytesMut,
     pub(super) slot: ClientSlot,
+    /// The verify URL's verdict, asked before the actor started.
+    pub(super) url: UrlVerdict,
 }
 
 pub struct ConnState {
@@ -87,7 +90,7 @@ impl Actor for ConnectionActor {
                 let _ = me.cast(ConnMsg::Close(why));
             }),
         ));
-        if let Err(reason) = deps.registrar.register(handle.clone()).await? {
+        if let Err(reason) = deps.registrar.register(handle.clone(), a.url).await? {
             shared.metrics.refused(reason);
             tracing::info!(target: "derp_relay::admission", key = %a.key, remote = %a.remote, reason = reason.as_str(), "client refused");
             a.writer.refuse(reason.as_str()).await;
