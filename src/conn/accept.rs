@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use super::ConnDeps;
 use super::actor::{ConnArgs, ConnectionActor};
 use super::preauth::PreAuth;
+use crate::admission::UrlVerdict;
 use crate::protocol::frame::{self, FrameType};
 use crate::protocol::handshake::server_info_json;
 use crate::protocol::{ClientInfo, FrameError, PublicKey};
@@ -68,6 +69,17 @@ pub async fn accept(
             return;
         }
     };
+    // A mesh peer (its ClientInfo carries the region's mesh key) is trusted
+    // before every admission check and never asked about; the registry
+    // skips `admit` for it and the re-check skips its handle.
+    let url = if info.is_mesh_peer(shared.mesh_key.as_ref()) {
+        UrlVerdict::NotAsked
+    } else {
+        match shared.verify_client(&key, remote.ip()).await {
+            None => UrlVerdict::NotAsked,
+            Some(c) => c.verdict,
+        }
+    };
     let sealed = shared
         .secret
         .seal_server_info(&key, &server_info_json(None));
@@ -85,6 +97,7 @@ pub async fn accept(
         read_buf: buf,
         server_info,
         slot,
+        url,
     };
     let Some(root) = deps.supervisor.get().cloned() else {
         return; // not started yet; cannot happen once serving

@@ -62,6 +62,12 @@ async fn write_frames(
                 }
                 // Drained below, whether or not this marker survived.
                 Control::MeshUpdates => {}
+                Control::Abort(why) => {
+                    h.begin_write(shared.now_ms(), 0);
+                    wr.abort(why).await;
+                    h.end_write();
+                    return why;
+                }
             }
         }
         if let Some(w) = h.watch() {

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::protocol::{PeerGoneReason, PublicKey};
-use crate::reasons::DropReason;
+use crate::reasons::{CloseReason, DropReason};
 
 /// Control frames kept per client before the oldest is dropped; they are tiny
 /// and only pile up when a client stops reading.
@@ -28,6 +28,10 @@ pub enum Control {
     KeepAlive,
     /// Mesh presence updates are waiting in the handle's watch queue.
     MeshUpdates,
+    /// The reader found a protocol violation: the writer tells the client why
+    /// (a WebSocket close code) and ends the connection. Handed to the writer
+    /// because it owns the write half; nothing queued after it is sent.
+    Abort(CloseReason),
 }
 
 /// What the writer takes out of the queue in one go.
