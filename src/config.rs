@@ -1107,6 +1107,58 @@ mod tests {
     }
 
     #[test]
+    fn mesh_settings_need_a_key_and_parse_derpers_syntax() {
+        let peers = Flags {
+            mesh_with: Some("derp-b.example.com,10.0.0.3:8443/10.0.0.3".into()),
+            ..open()
+        };
+        let e = Config::load_from(&peers, no_env()).unwrap_err().0;
+        assert!(
+            e.starts_with("mesh_with:") && e.contains("mesh_key_file"),
+            "{e}"
+        );
+        let dns = Flags {
+            mesh_dns: Some("mesh.internal".into()),
+            ..open()
+        };
+        let e = Config::load_from(&dns, no_env()).unwrap_err().0;
+        assert!(e.starts_with("mesh_dns:"), "{e}");
+        let bad_key = Flags {
+            mesh_key: Some("abc".into()),
+            ..peers.clone()
+        };
+        let e = Config::load_from(&bad_key, no_env()).unwrap_err().0;
+        assert!(e.starts_with("mesh_key:") && e.contains("64 hex"), "{e}");
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "  {}  ", "AB".repeat(32)).unwrap();
+        let ok = Flags {
+            mesh_key_file: Some(f.path().to_path_buf()),
+            ..peers
+        };
+        let m = Config::load_from(&ok, no_env())
+            .unwrap()
+            .mesh()
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.key, [0xab; 32], "whitespace trimmed, either case");
+        assert_eq!(
+            m.peers,
+            vec![
+                MeshPeerSpec {
+                    host: "derp-b.example.com".into(),
+                    port: 8443,
+                    dial: "derp-b.example.com".into()
+                },
+                MeshPeerSpec {
+                    host: "10.0.0.3".into(),
+                    port: 8443,
+                    dial: "10.0.0.3".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn unknown_env_vars_are_ignored() {
         // SAFETY: only this test uses this prefix.
         unsafe { std::env::set_var("DERP_RELAY_ENVTEST_SERVICE_HOST", "10.0.0.1") };
