@@ -61,6 +61,11 @@ pub enum RefuseReason {
     PendingLimit,
     /// The process ran out of file descriptors (answered 503 from a spare one).
     Descriptors,
+    /// The TLS handshake failed or did not finish within the header timeout.
+    Tls,
+    /// A PROXY protocol header was missing or malformed from a trusted
+    /// balancer, or sent by an address that is not one.
+    ProxyProtocol,
 }
 
 impl RefuseReason {
@@ -74,6 +79,8 @@ impl RefuseReason {
             RefuseReason::ShuttingDown => "shutting_down",
             RefuseReason::PendingLimit => "pending_limit",
             RefuseReason::Descriptors => "descriptors",
+            RefuseReason::Tls => "tls",
+            RefuseReason::ProxyProtocol => "proxy_protocol",
         }
     }
 }

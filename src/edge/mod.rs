@@ -1,5 +1,7 @@
-//! What faces the internet besides `/derp`: the STUN socket (and, later, the
-//! TLS acceptor). Each part here shares nothing with the data plane but the
-//! metrics, so a flood on one cannot slow the relaying of packets.
+//! What faces the internet besides `/derp`: the STUN socket and the TLS
+//! certificate (loaded, served, reloaded live). Each part here shares nothing
+//! with the data plane but the metrics, so a flood on one cannot slow the
+//! relaying of packets.
 
 pub mod stun;
+pub mod tls;
