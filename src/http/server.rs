@@ -144,6 +144,28 @@ async fn accept_loop<S>(
             },
         };
         let _ = stream.set_nodelay(true);
+        // Without a trusted proxy the TCP peer is the client: it is counted as
+        // pending from its first byte, so connections that never send a
+        // request (or never start TLS) count too. Taken here, in accept
+        // order, not in the connection's task. A balancer's client is known
+        // only from its PROXY header; behind an HTTP proxy, only from the request.
+        let mut cell = PendingCell::default();
+        if gate.source == ClientIpSource::Peer && !trusted.trusts(peer.ip()) {
+            match gate.pending.try_acquire(peer.ip()) {
+                Some(g) => cell = PendingCell::new(g),
+                None => {
+                    shared.metrics.refused(RefuseReason::PendingLimit);
+                    if tls.is_none() {
+                        tokio::spawn(refuse_raw(
+                            stream,
+                            "429 Too Many Requests",
+                            "too many unauthenticated connections from your address\n",
+                        ));
+                    }
+                    continue;
+                }
+            }
+        }
         let conn = Accepted {
             svc: svc.clone(),
             limit: limit.clone(),
@@ -153,7 +175,7 @@ async fn accept_loop<S>(
             tls: tls.clone(),
             cfg: conn_cfg,
         };
-        tokio::spawn(conn.run(stream, peer));
+        tokio::spawn(conn.run(stream, peer, cell));
     }
     sweeper.abort();
     tracing::info!("stopped accepting connections");
@@ -189,22 +211,10 @@ where
     /// timeout from accept, covers the PROXY header, the TLS handshake and
     /// the first request head: a stranger who stalls at any step is cut off
     /// as one who stalls in HTTP is.
-    async fn run(self, stream: TcpStream, peer: SocketAddr) {
+    async fn run(self, stream: TcpStream, peer: SocketAddr, mut cell: PendingCell) {
         let deadline = tokio::time::Instant::now() + self.cfg.header_timeout;
         let metrics = &self.shared.metrics;
-        // Without a trusted proxy the TCP peer is the client: it is counted as
-        // pending from its first byte, so connections that never send a
-        // request count too. A balancer's client is known from its PROXY
-        // header; behind an HTTP proxy, only from the request.
-        let counts_peer = self.gate.source == ClientIpSource::Peer;
         let from_balancer = self.trusted.trusts(peer.ip());
-        let mut cell = PendingCell::default();
-        if counts_peer && !from_balancer {
-            match self.gate.pending.try_acquire(peer.ip()) {
-                Some(g) => cell = PendingCell::new(g),
-                None => return self.refuse_pending(stream).await,
-            }
-        }
         let (io, client) = match timeout_at(
             deadline,
             proxy_protocol::accept(stream, peer, &self.trusted),
@@ -226,7 +236,7 @@ where
             }
         };
         let client = SocketAddr::new(client.ip().to_canonical(), client.port());
-        if counts_peer && from_balancer {
+        if from_balancer && self.gate.source == ClientIpSource::Peer {
             match self.gate.pending.try_acquire(client.ip()) {
                 Some(g) => cell = PendingCell::new(g),
                 None => return self.refuse_pending(io).await,
