@@ -438,10 +438,15 @@ impl Config {
 
     /// Checks the TLS, port-80 and PROXY protocol settings together.
     fn validate_edge(&self) -> Result<(), ConfigError> {
-        match (&self.tls_cert_file, &self.tls_key_file, &self.tls_self_signed) {
+        match (
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.tls_self_signed,
+        ) {
             (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
                 return Err(ConfigError(
-                    "tls_self_signed and tls_cert_file/tls_key_file are both set: choose one".into(),
+                    "tls_self_signed and tls_cert_file/tls_key_file are both set: choose one"
+                        .into(),
                 ));
             }
             (Some(_), None, _) => {
@@ -543,7 +548,9 @@ impl Cidr {
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.bits)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -838,7 +845,12 @@ mod tests {
         assert!(!p[0].contains("11.0.0.1".parse().unwrap()));
         assert!(p[1].contains("::1".parse().unwrap()));
         assert!(!p[1].contains("::2".parse().unwrap()));
-        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
     }
 
     #[test]

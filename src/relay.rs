@@ -79,7 +79,8 @@ impl Relay {
         .map_err(|e| format!("starting supervisor: {e}"))?;
         let _ = deps.supervisor.set(root.get_cell());
 
-        let tls = match crate::edge::tls::TlsFront::from_config(&shared.config, &shared.metrics.tls) {
+        let tls = match crate::edge::tls::TlsFront::from_config(&shared.config, &shared.metrics.tls)
+        {
             Ok(t) => t,
             Err(e) => {
                 root.stop(Some("start failed".into()));
@@ -145,7 +146,11 @@ impl Relay {
                     https_port: addr.port(),
                 },
             };
-            let task = tokio::spawn(crate::http::server::serve(front, deps.clone(), stop_rx.clone()));
+            let task = tokio::spawn(crate::http::server::serve(
+                front,
+                deps.clone(),
+                stop_rx.clone(),
+            ));
             edge.port80 = Some((a, task));
         }
         let tls_on = acceptor.is_some();
@@ -248,7 +253,10 @@ struct EdgeTasks {
 
 impl EdgeTasks {
     fn tasks(self) -> impl Iterator<Item = tokio::task::JoinHandle<()>> {
-        self.port80.map(|(_, t)| t).into_iter().chain(self.tls_watch)
+        self.port80
+            .map(|(_, t)| t)
+            .into_iter()
+            .chain(self.tls_watch)
     }
 }
 

@@ -58,6 +58,7 @@ const RULES: &[(&str, &[&str])] = &[
             "limits",
         ],
     ),
+    ("edge", &["config", "metrics", "protocol", "reasons"]),
     ("client", &["protocol"]),
 ];
 

@@ -106,7 +106,12 @@ async fn bound_address(relay: &TestRelay, kp: &NodeKeyPair) -> Option<IpAddr> {
         shared.bindings.lock().unwrap().get(&key).is_some()
     })
     .await;
-    shared.bindings.lock().unwrap().get(&key).and_then(|b| b.last_addr.parse().ok())
+    shared
+        .bindings
+        .lock()
+        .unwrap()
+        .get(&key)
+        .and_then(|b| b.last_addr.parse().ok())
 }
 
 async fn response(mut s: TcpStream, request: &str) -> String {
@@ -195,14 +200,20 @@ async fn a_trusted_balancer_must_send_the_header() {
     // Too long for v1 is refused too, before the line ends.
     let long = format!("PROXY TCP4 {}\r\n", "1".repeat(120));
     closed_without_answer(via_balancer(2, relay.addr, long.as_bytes()).await, "").await;
-    assert_eq!(refused(relay.relay(), RefuseReason::ProxyProtocol), before + 2);
+    assert_eq!(
+        refused(relay.relay(), RefuseReason::ProxyProtocol),
+        before + 2
+    );
 }
 
 #[tokio::test]
 async fn a_forged_header_from_anyone_else_is_refused() {
     let relay = pp_relay(|_| {}).await;
     let stranger = next_source_ip();
-    for header in [v1("10.1.2.3:4".parse().unwrap(), relay.addr), v2("10.1.2.3:4".parse().unwrap())] {
+    for header in [
+        v1("10.1.2.3:4".parse().unwrap(), relay.addr),
+        v2("10.1.2.3:4".parse().unwrap()),
+    ] {
         let mut s = tcp_from(stranger, relay.addr).await.unwrap();
         s.write_all(&header).await.unwrap();
         closed_without_answer(s, HEALTHZ).await;
@@ -240,7 +251,10 @@ async fn rate_limit_counts_the_client_not_the_balancer() {
         c.rate_burst = 1;
     })
     .await;
-    let (x, y): (SocketAddr, SocketAddr) = ("192.0.2.10:1".parse().unwrap(), "192.0.2.11:1".parse().unwrap());
+    let (x, y): (SocketAddr, SocketAddr) = (
+        "192.0.2.10:1".parse().unwrap(),
+        "192.0.2.11:1".parse().unwrap(),
+    );
     let req = |c: SocketAddr| {
         let mut b = v1(c, relay.addr);
         b.extend_from_slice(HEALTHZ.as_bytes());
@@ -258,7 +272,10 @@ async fn rate_limit_counts_the_client_not_the_balancer() {
 #[tokio::test]
 async fn pending_limit_counts_the_client_not_the_balancer() {
     let relay = pp_relay(|c| c.max_pending_per_ip = 1).await;
-    let (x, y): (SocketAddr, SocketAddr) = ("192.0.2.20:1".parse().unwrap(), "192.0.2.21:1".parse().unwrap());
+    let (x, y): (SocketAddr, SocketAddr) = (
+        "192.0.2.20:1".parse().unwrap(),
+        "192.0.2.21:1".parse().unwrap(),
+    );
     // An idle connection for X holds X's only slot, not the balancer's...
     let _idle = via_balancer(1, relay.addr, &v1(x, relay.addr)).await;
     let with_request = |c: SocketAddr| {

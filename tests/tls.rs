@@ -38,7 +38,10 @@ impl Pki {
     fn new() -> Pki {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         Pki {
             ca: CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap(),
         }
@@ -153,18 +156,29 @@ async fn tls_relay(f: &Files, tweak: impl FnOnce(&mut derp_relay::Config)) -> Te
     .await
 }
 
-async fn tls_connect(addr: SocketAddr, cfg: Arc<ClientConfig>) -> std::io::Result<TlsStream<TcpStream>> {
+async fn tls_connect(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = tcp_from(next_source_ip(), addr).await?;
     let name = ServerName::try_from("localhost").unwrap();
     TlsConnector::from(cfg).connect(name, tcp).await
 }
 
 fn served(s: &TlsStream<TcpStream>) -> Vec<u8> {
-    s.get_ref().1.peer_certificates().expect("server sent a chain")[0].to_vec()
+    s.get_ref()
+        .1
+        .peer_certificates()
+        .expect("server sent a chain")[0]
+        .to_vec()
 }
 
 /// `Upgrade: DERP` over TLS exactly as `ts_derp` does it, then its handshake.
-async fn ts_over_tls(addr: SocketAddr, cfg: Arc<ClientConfig>, kp: &NodeKeyPair) -> ts_derp::Client<BoxIo> {
+async fn ts_over_tls(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+    kp: &NodeKeyPair,
+) -> ts_derp::Client<BoxIo> {
     let tls = tls_connect(addr, cfg).await.expect("TLS handshake");
     let url = url::Url::parse(&format!("https://127.0.0.1:{}/derp", addr.port())).unwrap();
     let http = ts_http_util::http1::connect::<ts_http_util::EmptyBody>(tls)
@@ -184,11 +198,19 @@ async fn ts_over_tls(addr: SocketAddr, cfg: Arc<ClientConfig>, kp: &NodeKeyPair)
 }
 
 /// WebSocket (`wss://`) carrying `ts_derp`.
-async fn ts_over_wss(addr: SocketAddr, cfg: Arc<ClientConfig>, kp: &NodeKeyPair) -> ts_derp::Client<BoxIo> {
+async fn ts_over_wss(
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+    kp: &NodeKeyPair,
+) -> ts_derp::Client<BoxIo> {
     let tls = tls_connect(addr, cfg).await.expect("TLS handshake");
-    let ws = ws_over(tls, &format!("wss://localhost:{}/derp", addr.port()), "localhost")
-        .await
-        .expect("WebSocket upgrade");
+    let ws = ws_over(
+        tls,
+        &format!("wss://localhost:{}/derp", addr.port()),
+        "localhost",
+    )
+    .await
+    .expect("WebSocket upgrade");
     let io: BoxIo = Box::new(ws);
     tokio::time::timeout(WAIT, ts_derp::Client::handshake(io, kp))
         .await
@@ -196,14 +218,25 @@ async fn ts_over_wss(addr: SocketAddr, cfg: Arc<ClientConfig>, kp: &NodeKeyPair)
         .expect("handshake")
 }
 
-async fn ts_over(via: Via, addr: SocketAddr, cfg: Arc<ClientConfig>, kp: &NodeKeyPair) -> ts_derp::Client<BoxIo> {
+async fn ts_over(
+    via: Via,
+    addr: SocketAddr,
+    cfg: Arc<ClientConfig>,
+    kp: &NodeKeyPair,
+) -> ts_derp::Client<BoxIo> {
     match via {
         Via::Derp => ts_over_tls(addr, cfg, kp).await,
         Via::Ws => ts_over_wss(addr, cfg, kp).await,
     }
 }
 
-async fn exchange(a: &ts_derp::Client<BoxIo>, ka: &NodeKeyPair, b: &ts_derp::Client<BoxIo>, kb: &NodeKeyPair, msg: &[u8]) {
+async fn exchange(
+    a: &ts_derp::Client<BoxIo>,
+    ka: &NodeKeyPair,
+    b: &ts_derp::Client<BoxIo>,
+    kb: &NodeKeyPair,
+    msg: &[u8],
+) {
     a.send_one(kb.public, msg).await.expect("send");
     assert_eq!(recv_ts(b).await, (public(ka), msg.to_vec()));
 }
@@ -237,10 +270,18 @@ async fn ts_derp_over_tls_on_both_transports() {
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("ok\n"), "{out}");
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("ok\n"),
+        "{out}"
+    );
     // Plain HTTP on the TLS port is a failed handshake, counted.
     let before = refused(relay.relay(), RefuseReason::Tls);
-    let reply = http_exchange(relay.addr, next_source_ip(), "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let reply = http_exchange(
+        relay.addr,
+        next_source_ip(),
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
     assert!(!reply.contains("200"), "{reply}");
     eventually("plain HTTP counted as a TLS refusal", || {
         refused(relay.relay(), RefuseReason::Tls) > before
@@ -279,7 +320,10 @@ async fn ts_derp_dials_a_self_signed_relay_itself() {
     let a = connect(ka.clone()).await;
     let b = connect(kb.clone()).await;
     a.send_one(kb.public, b"self-signed").await.unwrap();
-    let (from, data) = tokio::time::timeout(WAIT, b.recv_one()).await.unwrap().unwrap();
+    let (from, data) = tokio::time::timeout(WAIT, b.recv_one())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((from, data.as_ref()), (ka.public, &b"self-signed"[..]));
 }
 
@@ -298,7 +342,10 @@ async fn rotation(style: Style) {
     let files = Files::new(style, &first);
     let relay = tls_relay(&files, |_| {}).await;
     let cfg = pki.client();
-    assert_eq!(served(&tls_connect(relay.addr, cfg.clone()).await.unwrap()), first.der);
+    assert_eq!(
+        served(&tls_connect(relay.addr, cfg.clone()).await.unwrap()),
+        first.der
+    );
     let (ka, kb) = (NodeKeyPair::random(), NodeKeyPair::random());
     let a = ts_over_tls(relay.addr, cfg.clone(), &ka).await;
     let b = ts_over_wss(relay.addr, cfg.clone(), &kb).await;
@@ -351,13 +398,17 @@ async fn a_broken_pair_keeps_the_old_certificate_and_is_counted() {
     let expiry = relay.relay().metrics().tls.cert_expiry.get();
 
     let garbage = Pair {
-        cert_pem: "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n".into(),
+        cert_pem: "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
+            .into(),
         key_pem: first.key_pem.clone(),
         der: Vec::new(),
     };
     files.replace(Style::Rename, 1, &garbage);
     wait_reloads(&relay, 0, 1).await;
-    assert_eq!(served(&tls_connect(relay.addr, cfg.clone()).await.unwrap()), first.der);
+    assert_eq!(
+        served(&tls_connect(relay.addr, cfg.clone()).await.unwrap()),
+        first.der
+    );
 
     // A valid certificate with somebody else's key: refused too.
     let other = pki.issue();
@@ -368,13 +419,19 @@ async fn a_broken_pair_keeps_the_old_certificate_and_is_counted() {
     };
     files.replace(Style::Rename, 2, &mismatched);
     wait_reloads(&relay, 0, 2).await;
-    assert_eq!(served(&tls_connect(relay.addr, cfg.clone()).await.unwrap()), first.der);
+    assert_eq!(
+        served(&tls_connect(relay.addr, cfg.clone()).await.unwrap()),
+        first.der
+    );
     assert_eq!(relay.relay().metrics().tls.cert_expiry.get(), expiry);
 
     // Repaired: served at once.
     files.replace(Style::Rename, 3, &other);
     wait_reloads(&relay, 1, 2).await;
-    assert_eq!(served(&tls_connect(relay.addr, cfg).await.unwrap()), other.der);
+    assert_eq!(
+        served(&tls_connect(relay.addr, cfg).await.unwrap()),
+        other.der
+    );
 }
 
 #[tokio::test]
@@ -396,12 +453,19 @@ async fn a_stalled_handshake_counts_against_the_header_timeout_and_pending_limit
     let before = refused(relay.relay(), RefuseReason::PendingLimit);
     let mut third = tcp_from(src, relay.addr).await.unwrap();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(WAIT, third.read(&mut buf)).await.expect("closed in time");
+    let n = tokio::time::timeout(WAIT, third.read(&mut buf))
+        .await
+        .expect("closed in time");
     assert!(matches!(n, Ok(0) | Err(_)), "third connection closed");
-    assert_eq!(refused(relay.relay(), RefuseReason::PendingLimit), before + 1);
+    assert_eq!(
+        refused(relay.relay(), RefuseReason::PendingLimit),
+        before + 1
+    );
     // The stalled ones are cut at the header timeout, counted as TLS refusals.
     for mut s in idle {
-        let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.expect("cut in time");
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("cut in time");
         assert!(matches!(n, Ok(0) | Err(_)));
     }
     eventually("stalled handshakes counted", || {
@@ -435,7 +499,11 @@ async fn port_80_answers_generate_204_and_redirects_the_rest() {
     )
     .await;
     assert!(r.starts_with("HTTP/1.1 204"), "{r}");
-    assert!(r.to_ascii_lowercase().contains("x-tailscale-response: response abc123"), "{r}");
+    assert!(
+        r.to_ascii_lowercase()
+            .contains("x-tailscale-response: response abc123"),
+        "{r}"
+    );
     for target in ["/derp", "/healthz?x=1"] {
         let r = http_exchange(
             plain,
@@ -444,7 +512,10 @@ async fn port_80_answers_generate_204_and_redirects_the_rest() {
         )
         .await;
         assert!(r.starts_with("HTTP/1.1 308"), "{r}");
-        let want = format!("location: https://localhost:{}{target}\r\n", relay.addr.port());
+        let want = format!(
+            "location: https://localhost:{}{target}\r\n",
+            relay.addr.port()
+        );
         assert!(r.to_ascii_lowercase().contains(&want), "{want} in {r}");
     }
 }
@@ -481,18 +552,40 @@ async fn probe_and_healthcheck_over_https_and_wss_with_insecure() {
         let url = format!("{scheme}://127.0.0.1:{port}/derp");
         let out = run_tool(vec!["probe".into(), url.clone(), "--insecure".into()]).await;
         assert!(out.status.success(), "{url}: {}", text(&out.stderr));
-        assert!(text(&out.stdout).contains("round trip"), "{}", text(&out.stdout));
+        assert!(
+            text(&out.stdout).contains("round trip"),
+            "{}",
+            text(&out.stdout)
+        );
         // Without --insecure a self-signed certificate is refused, and the line says so.
-        let out = run_tool(vec!["probe".into(), url.clone(), "--timeout".into(), "5s".into()]).await;
+        let out = run_tool(vec![
+            "probe".into(),
+            url.clone(),
+            "--timeout".into(),
+            "5s".into(),
+        ])
+        .await;
         assert!(!out.status.success());
         let why = text(&out.stderr);
-        assert!(why.contains("TLS") && why.to_lowercase().contains("certificate"), "{why}");
+        assert!(
+            why.contains("TLS") && why.to_lowercase().contains("certificate"),
+            "{why}"
+        );
     }
     let health = format!("https://127.0.0.1:{port}/healthz");
-    let out = run_tool(vec!["healthcheck".into(), "--url".into(), health.clone(), "--insecure".into()]).await;
+    let out = run_tool(vec![
+        "healthcheck".into(),
+        "--url".into(),
+        health.clone(),
+        "--insecure".into(),
+    ])
+    .await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = run_tool(vec!["healthcheck".into(), "--url".into(), health]).await;
-    assert!(!out.status.success(), "self-signed refused without --insecure");
+    assert!(
+        !out.status.success(),
+        "self-signed refused without --insecure"
+    );
 }
 
 #[tokio::test]
@@ -501,6 +594,9 @@ async fn self_signed_files_live_in_the_data_dir() {
     let dir = &relay.relay().shared.config.data_dir;
     let key = dir.join("tls-self-signed-dev.test.key");
     use std::os::unix::fs::PermissionsExt as _;
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert!(Path::new(&dir.join("tls-self-signed-dev.test.crt")).exists());
 }

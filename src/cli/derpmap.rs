@@ -650,7 +650,10 @@ mod tests {
             ..args("derp.dev.internal")
         };
         let v = serde_json::to_value(from_flags(&named).unwrap()).unwrap();
-        assert_eq!(v["Regions"]["900"]["Nodes"][0]["HostName"], "derp.dev.internal");
+        assert_eq!(
+            v["Regions"]["900"]["Nodes"][0]["HostName"],
+            "derp.dev.internal"
+        );
         assert_eq!(v["Regions"]["900"]["Nodes"][0]["InsecureForTests"], true);
     }
 

@@ -74,16 +74,17 @@ pub async fn run(args: Args) -> Result<(), String> {
         (true, false, Some(p)) => Some(client::tls_config(&client::load_pem_certs(p)?)?),
         (true, false, None) => None,
     };
-    let (status, reason, body) = tokio::time::timeout(args.timeout, fetch(&target, tls, args.timeout))
-        .await
-        .map_err(|_| {
-            format!(
-                "no answer from {} within {}",
-                args.url,
-                humantime::format_duration(args.timeout)
-            )
-        })?
-        .map_err(|e| e.to_string())?;
+    let (status, reason, body) =
+        tokio::time::timeout(args.timeout, fetch(&target, tls, args.timeout))
+            .await
+            .map_err(|_| {
+                format!(
+                    "no answer from {} within {}",
+                    args.url,
+                    humantime::format_duration(args.timeout)
+                )
+            })?
+            .map_err(|e| e.to_string())?;
     let body = body.trim();
     verdict(status, &reason, body)?;
     println!(

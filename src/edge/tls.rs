@@ -255,7 +255,10 @@ fn read_both(f: &CertFiles) -> Result<(Vec<u8>, Vec<u8>), ReadError> {
     let read = |what: &str, p: &Path| {
         std::fs::read(p).map_err(|e| ReadError(format!("{what} {}: {e}", p.display())))
     };
-    Ok((read("tls_cert_file", &f.cert)?, read("tls_key_file", &f.key)?))
+    Ok((
+        read("tls_cert_file", &f.cert)?,
+        read("tls_key_file", &f.key)?,
+    ))
 }
 
 async fn read_both_async(f: &CertFiles) -> Result<(Vec<u8>, Vec<u8>), ReadError> {
@@ -318,7 +321,13 @@ fn warn_if_expired(f: &CertFiles, not_after: i64) {
 fn self_signed(data_dir: &Path, host: &str) -> Result<CertFiles, String> {
     let stem: String = host
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let files = CertFiles {
         cert: data_dir.join(format!("tls-self-signed-{stem}.crt")),
@@ -394,9 +403,15 @@ mod tests {
         };
         let (c, k) = read_both(&mixed).unwrap();
         let e = load_pair(&mixed, &c, &k).err().unwrap();
-        assert!(e.contains("does not belong") && e.contains("b.test.key"), "{e}");
+        assert!(
+            e.contains("does not belong") && e.contains("b.test.key"),
+            "{e}"
+        );
         let e = load_pair(&a, b"junk", &k).err().unwrap();
-        assert!(e.starts_with("tls_cert_file") && e.contains("a.test.crt"), "{e}");
+        assert!(
+            e.starts_with("tls_cert_file") && e.contains("a.test.crt"),
+            "{e}"
+        );
         let e = load_pair(&a, &c, b"junk").err().unwrap();
         assert!(e.starts_with("tls_key_file"), "{e}");
     }
@@ -410,7 +425,11 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let first = std::fs::read(&f.cert).unwrap();
         let again = self_signed(d.path(), "127.0.0.1").unwrap();
-        assert_eq!(std::fs::read(&again.cert).unwrap(), first, "reused, not remade");
+        assert_eq!(
+            std::fs::read(&again.cert).unwrap(),
+            first,
+            "reused, not remade"
+        );
         let (c, k) = read_both(&f).unwrap();
         let l = load_pair(&f, &c, &k).unwrap();
         assert!(l.not_after > unix_now() + 300 * 86_400);

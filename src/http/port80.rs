@@ -61,7 +61,10 @@ impl Port80 {
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let location = format!("https://{}{port}{target}", authority.host());
         let Ok(location) = HeaderValue::from_str(&location) else {
-            return text(StatusCode::BAD_REQUEST, "request target cannot be redirected\n");
+            return text(
+                StatusCode::BAD_REQUEST,
+                "request target cannot be redirected\n",
+            );
         };
         // 308 keeps the method: a POST /derp from ts_derp stays a POST.
         let mut r = text(StatusCode::PERMANENT_REDIRECT, "use https\n");
@@ -91,7 +94,10 @@ mod tests {
             .body(())
             .unwrap();
         let r = answer(8443, req);
-        assert_eq!(r.headers()["location"], "https://[2001:db8::1]:8443/healthz");
+        assert_eq!(
+            r.headers()["location"],
+            "https://[2001:db8::1]:8443/healthz"
+        );
         let r = answer(443, http::Request::get("/").body(()).unwrap());
         assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     }

@@ -52,10 +52,7 @@ pub enum ProxyRefusal {
     #[error("PROXY header from {peer}, which is not a trusted balancer")]
     Forged { peer: SocketAddr },
     #[error("reading from {peer}: {source}")]
-    Io {
-        peer: SocketAddr,
-        source: io::Error,
-    },
+    Io { peer: SocketAddr, source: io::Error },
 }
 
 /// A TCP stream with the bytes read ahead of it (while looking for a header)

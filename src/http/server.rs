@@ -110,7 +110,9 @@ async fn accept_loop<S>(
         })
     };
     // Validated at start; an empty list turns the PROXY protocol off.
-    let trusted = Arc::new(TrustedProxies::new(cfg.trusted_proxies().unwrap_or_default()));
+    let trusted = Arc::new(TrustedProxies::new(
+        cfg.trusted_proxies().unwrap_or_default(),
+    ));
     let conn_cfg = ConnSettings {
         v6_prefix: cfg.ipv6_prefix,
         header_timeout: cfg.header_timeout,
@@ -292,24 +294,27 @@ where
             cfg,
             ..
         } = self;
-        let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            let ip = gate.source.client_ip(client.ip(), req.headers());
-            let limited = limit.check(bucket(ip, cfg.v6_prefix)).err();
-            if limited.is_some() {
-                shared.metrics.refused(RefuseReason::RateLimit);
-            }
-            req.extensions_mut()
-                .insert(PeerAddr(SocketAddr::new(ip, client.port())));
-            req.extensions_mut().insert(cell.clone());
-            let mut s = svc.clone();
-            let routed = limited.is_none().then(|| s.call(req));
-            async move {
-                match (routed, limited) {
-                    (Some(fut), _) => fut.await,
-                    (None, wait) => Ok(too_many_requests(wait.unwrap_or(Duration::from_secs(1)))),
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                let ip = gate.source.client_ip(client.ip(), req.headers());
+                let limited = limit.check(bucket(ip, cfg.v6_prefix)).err();
+                if limited.is_some() {
+                    shared.metrics.refused(RefuseReason::RateLimit);
                 }
-            }
-        });
+                req.extensions_mut()
+                    .insert(PeerAddr(SocketAddr::new(ip, client.port())));
+                req.extensions_mut().insert(cell.clone());
+                let mut s = svc.clone();
+                let routed = limited.is_none().then(|| s.call(req));
+                async move {
+                    match (routed, limited) {
+                        (Some(fut), _) => fut.await,
+                        (None, wait) => {
+                            Ok(too_many_requests(wait.unwrap_or(Duration::from_secs(1))))
+                        }
+                    }
+                }
+            });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(head_timeout)

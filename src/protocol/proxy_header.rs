@@ -115,12 +115,18 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
     let v6 = match proto {
         "TCP4" => false,
         "TCP6" => true,
-        _ => return Err(ProxyHeaderError::Malformed("v1 protocol is not TCP4, TCP6 or UNKNOWN")),
+        _ => {
+            return Err(ProxyHeaderError::Malformed(
+                "v1 protocol is not TCP4, TCP6 or UNKNOWN",
+            ));
+        }
     };
     let (Some(src), Some(dst), Some(sport), Some(dport), None) =
         (f.next(), f.next(), f.next(), f.next(), f.next())
     else {
-        return Err(ProxyHeaderError::Malformed("v1 line does not have 4 address fields"));
+        return Err(ProxyHeaderError::Malformed(
+            "v1 line does not have 4 address fields",
+        ));
     };
     let ip = |s: &str| -> Result<IpAddr, ProxyHeaderError> {
         let ip = if v6 {
@@ -132,8 +138,13 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
     };
     let port = |s: &str| -> Result<u16, ProxyHeaderError> {
         // The spec forbids leading zeros and signs, which `parse` would accept.
-        if s.is_empty() || (s.len() > 1 && s.starts_with('0')) || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(ProxyHeaderError::Malformed("v1 port is not a decimal number"));
+        if s.is_empty()
+            || (s.len() > 1 && s.starts_with('0'))
+            || !s.bytes().all(|b| b.is_ascii_digit())
+        {
+            return Err(ProxyHeaderError::Malformed(
+                "v1 port is not a decimal number",
+            ));
         }
         s.parse()
             .map_err(|_| ProxyHeaderError::Malformed("v1 port is out of range"))
@@ -170,9 +181,9 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
         1 => match family {
             // TCP over IPv4, TCP over IPv6.
             0x11 => {
-                let a = body
-                    .get(..12)
-                    .ok_or(ProxyHeaderError::Malformed("v2 IPv4 address block too short"))?;
+                let a = body.get(..12).ok_or(ProxyHeaderError::Malformed(
+                    "v2 IPv4 address block too short",
+                ))?;
                 let ip = |o: usize| IpAddr::V4(Ipv4Addr::new(a[o], a[o + 1], a[o + 2], a[o + 3]));
                 let port = |o: usize| u16::from_be_bytes([a[o], a[o + 1]]);
                 ProxyHeader::Proxied {
@@ -181,9 +192,9 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
                 }
             }
             0x21 => {
-                let a = body
-                    .get(..36)
-                    .ok_or(ProxyHeaderError::Malformed("v2 IPv6 address block too short"))?;
+                let a = body.get(..36).ok_or(ProxyHeaderError::Malformed(
+                    "v2 IPv6 address block too short",
+                ))?;
                 let ip = |o: usize| {
                     let mut b = [0u8; 16];
                     b.copy_from_slice(&a[o..o + 16]);
@@ -197,9 +208,17 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
             }
             // UNSPEC or a UNIX socket: no client address to take.
             0x00 | 0x31 => ProxyHeader::Local,
-            _ => return Err(ProxyHeaderError::Malformed("v2 family is not TCP, UNIX or UNSPEC")),
+            _ => {
+                return Err(ProxyHeaderError::Malformed(
+                    "v2 family is not TCP, UNIX or UNSPEC",
+                ));
+            }
         },
-        _ => return Err(ProxyHeaderError::Malformed("v2 command is neither LOCAL nor PROXY")),
+        _ => {
+            return Err(ProxyHeaderError::Malformed(
+                "v2 command is neither LOCAL nor PROXY",
+            ));
+        }
     };
     Ok(Parsed::Done(header, total))
 }
@@ -252,7 +271,10 @@ mod tests {
             b"PROXY UDP4 192.0.2.1 198.51.100.2 1 2\r\n",
             b"PROXY TCP4 192.0.2.1 198.51.100.2 1 2 3\r\n",
         ] {
-            assert!(matches!(parse(bad), Err(ProxyHeaderError::Malformed(_))), "{bad:?}");
+            assert!(
+                matches!(parse(bad), Err(ProxyHeaderError::Malformed(_))),
+                "{bad:?}"
+            );
         }
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(ProxyHeaderError::Missing));
         assert_eq!(parse(b"POST /derp"), Err(ProxyHeaderError::Missing));
@@ -310,12 +332,24 @@ mod tests {
         let mut h = v2(1, 0x11, &[]);
         h[14..16].copy_from_slice(&2000u16.to_be_bytes());
         assert_eq!(parse(&h), Err(ProxyHeaderError::V2TooLong(2000)));
-        assert!(matches!(parse(&v2(1, 0x11, &[1, 2, 3])), Err(ProxyHeaderError::Malformed(_))));
-        assert!(matches!(parse(&v2(1, 0x12, &[0; 12])), Err(ProxyHeaderError::Malformed(_))));
-        assert!(matches!(parse(&v2(5, 0x11, &[0; 12])), Err(ProxyHeaderError::Malformed(_))));
+        assert!(matches!(
+            parse(&v2(1, 0x11, &[1, 2, 3])),
+            Err(ProxyHeaderError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(&v2(1, 0x12, &[0; 12])),
+            Err(ProxyHeaderError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(&v2(5, 0x11, &[0; 12])),
+            Err(ProxyHeaderError::Malformed(_))
+        ));
         let mut bad_version = v2(1, 0x11, &[0; 12]);
         bad_version[12] = 0x11;
-        assert!(matches!(parse(&bad_version), Err(ProxyHeaderError::Malformed(_))));
+        assert!(matches!(
+            parse(&bad_version),
+            Err(ProxyHeaderError::Malformed(_))
+        ));
     }
 
     #[test]
