@@ -142,9 +142,9 @@ impl Relay {
             let front = Front {
                 listener: l,
                 tls: None,
-                role: Role::Port80 {
-                    https_port: addr.port(),
-                },
+                // As derper: https on 443, the DERPPort clients use with port 80,
+                // whatever port the relay listens on behind a port mapping.
+                role: Role::Port80 { https_port: 443 },
             };
             let task = tokio::spawn(crate::http::server::serve(
                 front,

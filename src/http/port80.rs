@@ -16,8 +16,8 @@ use super::reply::text;
 /// The service behind the plain-HTTP listener.
 #[derive(Debug, Clone, Copy)]
 pub struct Port80 {
-    /// Where https is served (the port of `addr`); omitted from the
-    /// redirect when it is 443.
+    /// Where clients reach https; omitted from the redirect when it is 443
+    /// (what the relay uses, as derper does).
     pub https_port: u16,
 }
 
