@@ -14,6 +14,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("admission", &["protocol", "reasons"]),
     ("metrics", &["reasons", "admission"]),
     ("limits", &["config"]),
+    ("memory", &[]),
     (
         "state",
         &[
@@ -28,7 +29,13 @@ const RULES: &[(&str, &[&str])] = &[
     (
         "conn",
         &[
-            "state", "routing", "protocol", "reasons", "metrics", "config",
+            "state",
+            "routing",
+            "protocol",
+            "reasons",
+            "metrics",
+            "config",
+            "admission",
         ],
     ),
     (
@@ -58,7 +65,17 @@ const RULES: &[(&str, &[&str])] = &[
             "limits",
         ],
     ),
-    ("edge", &["config", "metrics", "protocol", "reasons"]),
+    (
+        "edge",
+        &[
+            "config",
+            "metrics",
+            "protocol",
+            "reasons",
+            "admission",
+            "client",
+        ],
+    ),
     ("client", &["protocol"]),
 ];
 
