@@ -30,6 +30,7 @@ use super::client_addr::{ClientIpSource, FrontGate, PendingCell, PendingLimit, b
 use super::proxy_protocol::{self, Prefixed, ProxyRefusal, TrustedProxies};
 use super::rate_limit::{IpRateLimit, SWEEP_EVERY};
 use crate::conn::ConnDeps;
+use crate::conn::read_ahead::ReadAhead;
 use crate::reasons::RefuseReason;
 use crate::state::Shared;
 
@@ -257,7 +258,11 @@ where
         }
         let io = match &self.tls {
             None => FrontIo::Plain(io),
-            Some(acceptor) => match timeout_at(deadline, acceptor.accept(io)).await {
+            // rustls reads the socket 4 KiB at a time; on a busy connection
+            // ReadAhead turns that into one large read per many records, and
+            // an idle one holds no buffer.
+            Some(acceptor) => match timeout_at(deadline, acceptor.accept(ReadAhead::new(io))).await
+            {
                 Ok(Ok(s)) => FrontIo::Tls(Box::new(s)),
                 Ok(Err(e)) => {
                     metrics.refused(RefuseReason::Tls);
@@ -341,7 +346,7 @@ where
 /// A served connection: plain or TLS, over the (possibly prefixed) TCP stream.
 enum FrontIo {
     Plain(Prefixed),
-    Tls(Box<tokio_rustls::server::TlsStream<Prefixed>>),
+    Tls(Box<tokio_rustls::server::TlsStream<ReadAhead<Prefixed>>>),
 }
 
 impl AsyncRead for FrontIo {
