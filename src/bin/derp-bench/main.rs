@@ -27,6 +27,7 @@ use crate::forwarder::{ForwarderChild, forward_server};
 use crate::idle::idle;
 use crate::load::{BenchUrl, LoadArgs, Target, check_load, run_load};
 use crate::stun::stun_flood;
+use crate::tls::{TlsArgs, tls_bench};
 use crate::tofu::{TofuArgs, tofu_bench};
 
 /// `println!` that ignores a closed stdout (e.g. piped into `head`) rather
@@ -42,6 +43,7 @@ mod forwarder;
 mod idle;
 mod load;
 mod stun;
+mod tls;
 mod tofu;
 
 #[derive(Parser)]
@@ -122,6 +124,9 @@ enum Mode {
     /// Admission latency and relayed-packet p99 while bound keys reconnect,
     /// against two relays it starts: one with a large bindings file, one small.
     Tofu(TofuArgs),
+    /// Built-in TLS beside plain HTTP, both transports, in alternating rounds
+    /// against two relays it starts (one plain, one --tls-self-signed).
+    Tls(TlsArgs),
     /// The baseline forwarder itself; prints `listening on ADDR` first.
     ForwardServer {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -179,6 +184,7 @@ fn time_budget(mode: &Mode) -> Option<Duration> {
             duration, rounds, ..
         } => duration.max(0.0) * *rounds as f64 + 30.0,
         Mode::Tofu(a) => 120.0 + (a.duration.max(0.0) + 20.0) * 2.0 * a.rounds.max(1) as f64,
+        Mode::Tls(a) => 60.0 + per_run(&a.load) * 4.0 * a.rounds.max(1) as f64,
         Mode::ForwardServer { .. } => return None,
     };
     Some(Duration::from_secs_f64(secs))
@@ -224,6 +230,7 @@ async fn run(mode: Mode) -> Result<()> {
             rounds,
         } => stun_flood(addr, sockets.max(1), window.max(1), duration, rounds.max(1)).await?,
         Mode::Tofu(args) => tofu_bench(args).await?,
+        Mode::Tls(args) => tls_bench(args).await?,
         Mode::ForwardServer {
             addr,
             exit_on_stdin_eof,
