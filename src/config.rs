@@ -88,6 +88,14 @@ pub struct Config {
     /// UDP address for STUN; `:3478` means every interface. A host name is
     /// resolved at start (Fly needs `fly-global-services:3478`).
     pub stun_addr: String,
+    // Per-client bandwidth limit (perf branch).
+    /// Bytes per second each client may send (derper's
+    /// `PerClientRateLimitBytesPerSec`), paced by delaying reads; 0 = off.
+    /// Mesh peers are exempt.
+    pub client_bytes_per_sec: u64,
+    /// Bytes a client may send at once above `client_bytes_per_sec`; raised to
+    /// at least 65 568 (one largest frame).
+    pub client_burst_bytes: u64,
 }
 
 impl Default for Config {
@@ -119,6 +127,8 @@ impl Default for Config {
             tofu_expire: Duration::ZERO,
             stun: true,
             stun_addr: ":3478".into(),
+            client_bytes_per_sec: 0,
+            client_burst_bytes: 0,
         }
     }
 }
@@ -236,6 +246,14 @@ pub struct Flags {
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stun_addr: Option<String>,
+    /// Bytes per second each client may send, paced by delaying its reads (0 = off; mesh peers exempt).
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_bytes_per_sec: Option<u64>,
+    /// Burst in bytes above --client-bytes-per-sec (at least 65568 is used).
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_burst_bytes: Option<u64>,
 }
 
 /// A configuration problem, already phrased for the operator.

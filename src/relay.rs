@@ -20,6 +20,7 @@ use crate::admission::bindings::{self, Bindings};
 use crate::admission::server_key::load_or_create_key;
 use crate::config::Config;
 use crate::conn::ConnDeps;
+use crate::conn::pace::ClientRate;
 use crate::metrics::Metrics;
 use crate::state::Shared;
 
@@ -28,6 +29,8 @@ pub struct Relay {
     pub shared: Arc<Shared>,
     /// The long-lived actors in force (tests reach them to inject faults).
     pub actors: Arc<Actors>,
+    /// The per-client bandwidth limit every connection reads; a reload sets it.
+    pub client_rate: Arc<ClientRate>,
     addr: SocketAddr,
     root: ActorRef<RootMsg>,
     stop_accepting: watch::Sender<bool>,
@@ -57,10 +60,16 @@ impl Relay {
         let secret = load_or_create_key(&config.server_key_path())?;
         let shared = Arc::new(Shared::new(config, secret, acl, bindings));
         let actors = Arc::new(Actors::default());
+        let client_rate = Arc::new(ClientRate::new(
+            shared.config.client_bytes_per_sec,
+            shared.config.client_burst_bytes,
+        ));
         let deps = Arc::new(ConnDeps {
             state: shared.clone(),
             registrar: actors.clone(),
             supervisor: Default::default(),
+            client_rate: client_rate.clone(),
+            rate_limited: true,
         });
 
         let (fatal_tx, fatal) = watch::channel(None);
@@ -104,6 +113,7 @@ impl Relay {
         Ok(Relay {
             shared,
             actors,
+            client_rate,
             addr,
             root,
             stop_accepting,

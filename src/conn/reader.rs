@@ -8,6 +8,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 
 use super::ConnDeps;
+use super::pace::Bucket;
 use super::transport::ConnReader;
 use crate::protocol::frame::{self, FrameType};
 use crate::protocol::{ClientFrame, FrameError, PeerGoneReason, PublicKey};
@@ -72,6 +73,7 @@ async fn read_frames(
     // read instead of per packet.
     let mut routed = 0u64;
     let mut received = 0u64;
+    let mut bucket = Bucket::new();
     loop {
         loop {
             if routed >= YIELD_AFTER {
@@ -172,6 +174,18 @@ async fn read_frames(
         match read {
             Ok(0) => return CloseReason::Eof,
             Ok(n) => {
+                if deps.rate_limited
+                    && let Some(limit) = deps.client_rate.get()
+                {
+                    let wait = bucket.charge(n as u64, limit, Instant::now());
+                    if !wait.is_zero() {
+                        m.client_rate_paced_reads.inc();
+                        m.client_rate_paced_seconds.inc_by(wait.as_secs_f64());
+                        // Boxed: a timer in the task's own state would make
+                        // every idle client's task bigger for a rare wait.
+                        Box::pin(tokio::time::sleep(wait)).await;
+                    }
+                }
                 if n >= want {
                     hint = (hint * 2).min(MAX_READ);
                 } else if n < hint / 4 {
