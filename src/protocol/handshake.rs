@@ -117,10 +117,12 @@ impl ServerSecret {
 
     /// Opens a ClientInfo payload (`client key | nonce | box`), proving the
     /// client holds the private half of the key it claims.
+    /// Also returns the box shared with that client, which seals ServerInfo
+    /// without a second X25519 (the costliest step of a handshake).
     pub fn open_client_info(
         &self,
         payload: &[u8],
-    ) -> Result<(PublicKey, ClientInfo), HandshakeError> {
+    ) -> Result<(PublicKey, ClientInfo, Session), HandshakeError> {
         if payload.len() < KEY_LEN + NONCE_LEN {
             return Err(HandshakeError::TooShort(payload.len()));
         }
@@ -132,7 +134,7 @@ impl ServerSecret {
             .decrypt(nonce, &payload[KEY_LEN + NONCE_LEN..])
             .map_err(|_| HandshakeError::BadBox)?;
         let v: Value = serde_json::from_slice(&json).map_err(|_| HandshakeError::BadJson)?;
-        Ok((client, ClientInfo::from_json(&v)?))
+        Ok((client, ClientInfo::from_json(&v)?, Session(sbox)))
     }
 
     /// Seals the ServerInfo JSON to `client`: returns `nonce | box`.
@@ -151,8 +153,25 @@ pub fn server_info_json(token_bucket: Option<(u64, u64)>) -> Vec<u8> {
     v.to_string().into_bytes()
 }
 
+/// The box one side of a handshake shares with the other: one X25519 per
+/// handshake, used to seal and open both info frames.
+pub struct Session(SalsaBox);
+
+impl Session {
+    /// Seals `json` to the peer: returns `nonce | box`.
+    pub fn seal(&self, json: &[u8]) -> Vec<u8> {
+        seal_with(&self.0, json)
+    }
+}
+
 fn seal(secret: &SecretKey, to: &PublicKey, plaintext: &[u8]) -> Vec<u8> {
-    let sbox = SalsaBox::new(&crypto_box::PublicKey::from(to.0), secret);
+    seal_with(
+        &SalsaBox::new(&crypto_box::PublicKey::from(to.0), secret),
+        plaintext,
+    )
+}
+
+fn seal_with(sbox: &SalsaBox, plaintext: &[u8]) -> Vec<u8> {
     let nonce = SalsaBox::generate_nonce(&mut OsRng);
     let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
     out.extend_from_slice(&nonce);
@@ -193,10 +212,23 @@ impl ClientSecret {
         self.public
     }
 
+    /// The box shared with `server`, for [`Self::seal_client_info_with`] and
+    /// [`Self::open_server_info_with`]: one X25519 for the whole handshake.
+    pub fn session(&self, server: &PublicKey) -> Session {
+        Session(SalsaBox::new(
+            &crypto_box::PublicKey::from(server.0),
+            &self.secret,
+        ))
+    }
+
     /// Builds a ClientInfo payload (`key | nonce | box`) for `server`.
     pub fn seal_client_info(&self, server: &PublicKey, json: &[u8]) -> Vec<u8> {
+        self.seal_client_info_with(&self.session(server), json)
+    }
+
+    pub fn seal_client_info_with(&self, session: &Session, json: &[u8]) -> Vec<u8> {
         let mut out = self.public.0.to_vec();
-        out.extend_from_slice(&seal(&self.secret, server, json));
+        out.extend_from_slice(&session.seal(json));
         out
     }
 
@@ -206,10 +238,18 @@ impl ClientSecret {
         server: &PublicKey,
         payload: &[u8],
     ) -> Result<Value, HandshakeError> {
+        self.open_server_info_with(&self.session(server), payload)
+    }
+
+    pub fn open_server_info_with(
+        &self,
+        session: &Session,
+        payload: &[u8],
+    ) -> Result<Value, HandshakeError> {
         if payload.len() < NONCE_LEN || payload.len() > NONCE_LEN + MAX_INFO_LEN {
             return Err(HandshakeError::TooShort(payload.len()));
         }
-        let sbox = SalsaBox::new(&crypto_box::PublicKey::from(server.0), &self.secret);
+        let sbox = &session.0;
         let json = sbox
             .decrypt(
                 crypto_box::Nonce::from_slice(&payload[..NONCE_LEN]),
@@ -235,7 +275,7 @@ mod tests {
         let client = ClientSecret::generate();
         let json = br#"{"version":2,"CanAckPings":true,"meshKey":"","AppName":"x","Extra":[1]}"#;
         let payload = client.seal_client_info(&server.public(), json);
-        let (key, info) = server.open_client_info(&payload).unwrap();
+        let (key, info, _) = server.open_client_info(&payload).unwrap();
         assert_eq!(key, client.public());
         assert_eq!(info.version, 2);
         assert!(info.can_ack_pings);
@@ -248,7 +288,7 @@ mod tests {
         let server = ServerSecret::generate();
         let client = ClientSecret::generate();
         let json = br#"{"can_ack_pings":false,"is_prober":true,"mesh_key":"none","version":2}"#;
-        let (_, info) = server
+        let (_, info, _) = server
             .open_client_info(&client.seal_client_info(&server.public(), json))
             .unwrap();
         assert!(info.is_prober);
@@ -278,8 +318,8 @@ mod tests {
         // Claim the honest client's key while the box was sealed by the forger.
         payload[..32].copy_from_slice(&honest.public().0);
         assert_eq!(
-            server.open_client_info(&payload),
-            Err(HandshakeError::BadBox)
+            server.open_client_info(&payload).err(),
+            Some(HandshakeError::BadBox)
         );
     }
 
@@ -288,17 +328,17 @@ mod tests {
         let server = ServerSecret::generate();
         let client = ClientSecret::generate();
         assert_eq!(
-            server.open_client_info(&[0; 10]),
-            Err(HandshakeError::TooShort(10))
+            server.open_client_info(&[0; 10]).err(),
+            Some(HandshakeError::TooShort(10))
         );
         let mut p = client.seal_client_info(&server.public(), b"{}");
         let last = p.len() - 1;
         p[last] ^= 1;
-        assert_eq!(server.open_client_info(&p), Err(HandshakeError::BadBox));
+        assert_eq!(server.open_client_info(&p).err(), Some(HandshakeError::BadBox));
         let p = client.seal_client_info(&server.public(), b"not json");
-        assert_eq!(server.open_client_info(&p), Err(HandshakeError::BadJson));
+        assert_eq!(server.open_client_info(&p).err(), Some(HandshakeError::BadJson));
         let p = client.seal_client_info(&server.public(), b"[1]");
-        assert_eq!(server.open_client_info(&p), Err(HandshakeError::BadJson));
+        assert_eq!(server.open_client_info(&p).err(), Some(HandshakeError::BadJson));
     }
 
     #[test]
@@ -313,6 +353,25 @@ mod tests {
             client.open_server_info(&server.public(), &sealed),
             Err(HandshakeError::Version(1))
         );
+    }
+
+    #[test]
+    fn one_shared_key_per_side_carries_both_info_frames() {
+        let server = ServerSecret::generate();
+        let client = ClientSecret::generate();
+        let c = client.session(&server.public());
+        let (_, _, s) = server
+            .open_client_info(&client.seal_client_info_with(&c, br#"{"version":2}"#))
+            .unwrap();
+        let v = client
+            .open_server_info_with(&c, &s.seal(&server_info_json(None)))
+            .unwrap();
+        assert_eq!(v["version"], 2);
+        // And it is the same box the long way round computes.
+        let v = client
+            .open_server_info(&server.public(), &s.seal(&server_info_json(None)))
+            .unwrap();
+        assert_eq!(v["version"], 2);
     }
 
     #[test]

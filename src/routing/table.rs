@@ -21,7 +21,9 @@ struct KeySlot {
 /// registry actor (the `pub` writers below are for it alone).
 #[derive(Default)]
 pub struct Clients {
-    map: DashMap<PublicKey, KeySlot>,
+    /// Keys are X25519 public keys: foldhash (randomly seeded per process)
+    /// rather than SipHash, which was 2.5 % of the relay's CPU under load.
+    map: DashMap<PublicKey, KeySlot, foldhash::fast::RandomState>,
     connections: AtomicUsize,
 }
 
