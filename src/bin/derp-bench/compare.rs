@@ -1,0 +1,160 @@
+//! Reports, and `compare`: forwarder and relay transports side by side.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::time::sleep;
+
+use crate::forwarder::ForwarderChild;
+use crate::load::{
+    BenchUrl, LoadArgs, ROLE_RECEIVER, RunResult, Target, check_load, open_endpoint, run_load,
+};
+
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Rows of (result, ratio to forwarder).
+pub(crate) fn print_throughput_table(rows: &[(RunResult, Option<f64>)]) {
+    out!();
+    out!("| transport | pps | MB/s | vs forwarder | p50 µs | p99 µs | p999 µs | lost |");
+    out!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (r, ratio) in rows {
+        let ratio = ratio.map_or("-".to_owned(), |x| format!("{:.0}%", x * 100.0));
+        out!(
+            "| {} | {:.0} | {:.1} | {} | {:.0} | {:.0} | {:.0} | {} |",
+            r.label,
+            r.pps,
+            r.mbps,
+            ratio,
+            r.p50_us,
+            r.p99_us,
+            r.p999_us,
+            r.lost()
+        );
+    }
+}
+
+pub(crate) async fn compare(
+    urls: &[String],
+    load: &LoadArgs,
+    rounds: usize,
+    latency_rate: u64,
+) -> Result<()> {
+    check_load(load)?;
+    let relays = urls
+        .iter()
+        .map(|u| BenchUrl::parse(u).map(Target::Derp))
+        .collect::<Result<Vec<_>>>()?;
+    // Fail fast on an unreachable relay, before minutes of forwarder rounds.
+    for t in &relays {
+        open_endpoint(t, ROLE_RECEIVER, 0).await?;
+    }
+    let fwd = ForwarderChild::spawn().await?;
+    out!("forwarder pid {} on {}", fwd.child.id(), fwd.addr);
+    let mut targets = vec![Target::Forwarder(fwd.addr)];
+    targets.extend(relays);
+    let peak_load = LoadArgs {
+        rate: 0,
+        ..load.clone()
+    };
+
+    let mut runs: Vec<Vec<RunResult>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        out!(
+            "-- round {round}/{rounds}: {} pairs, {} B, {} s, unpaced",
+            load.pairs,
+            load.size,
+            load.duration
+        );
+        for (t, out) in targets.iter().zip(&mut runs) {
+            out.push(run_load(t, &peak_load).await?);
+            // Let closed connections leave the relay before the next run.
+            sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let med = |rs: &[RunResult], f: fn(&RunResult) -> f64| median(rs.iter().map(f).collect());
+    let summary: Vec<RunResult> = targets
+        .iter()
+        .zip(&runs)
+        .map(|(t, rs)| RunResult {
+            label: t.label(),
+            rate_per_pair: 0,
+            sent: median(rs.iter().map(|r| r.sent as f64).collect()) as u64,
+            received: median(rs.iter().map(|r| r.received as f64).collect()) as u64,
+            send_secs: med(rs, |r| r.send_secs),
+            pps: med(rs, |r| r.pps),
+            mbps: med(rs, |r| r.mbps),
+            p50_us: med(rs, |r| r.p50_us),
+            p99_us: med(rs, |r| r.p99_us),
+            p999_us: med(rs, |r| r.p999_us),
+            max_us: med(rs, |r| r.max_us),
+        })
+        .collect();
+
+    // Latency is only meaningful below saturation: rerun each relay transport
+    // at half its own peak (or the rate asked for), and the forwarder at the
+    // first relay's rate so the two latencies are at the same load.
+    let mut latency_runs = Vec::new();
+    let per_pair = |total: f64| ((total / load.pairs as f64) as u64).max(1);
+    let rate_for = |s: &RunResult| match latency_rate {
+        0 => per_pair(s.pps / 2.0),
+        r => per_pair(r as f64),
+    };
+    if summary.len() > 1 {
+        out!("-- open-loop latency round");
+        for (i, t) in targets.iter().enumerate() {
+            let rate = rate_for(&summary[i.max(1)]);
+            let paced = LoadArgs {
+                rate,
+                ..load.clone()
+            };
+            latency_runs.push(run_load(t, &paced).await?);
+            sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    let base = summary[0].pps.max(1e-9);
+    out!(
+        "\nmedian of {rounds} rounds, {} pairs, {} B packets, {} s each, unpaced (bench and relay share this machine's CPUs):",
+        load.pairs,
+        load.size,
+        load.duration
+    );
+    let rows: Vec<_> = summary
+        .into_iter()
+        .map(|r| {
+            let ratio = r.pps / base;
+            (r, Some(ratio))
+        })
+        .collect();
+    print_throughput_table(&rows);
+    if !latency_runs.is_empty() {
+        let how = match latency_rate {
+            0 => "half of the relay's peak".to_owned(),
+            r => format!("{r} pps"),
+        };
+        out!("\nopen-loop latency at {how}:");
+        out!("\n| transport | offered pps | delivered pps | p50 µs | p99 µs | p999 µs | lost |");
+        out!("|---|---:|---:|---:|---:|---:|---:|");
+        for r in &latency_runs {
+            out!(
+                "| {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+                r.label,
+                r.rate_per_pair * load.pairs as u64,
+                r.pps,
+                r.p50_us,
+                r.p99_us,
+                r.p999_us,
+                r.lost()
+            );
+        }
+    }
+    Ok(())
+}
