@@ -18,9 +18,9 @@ use crate::routing::{ClientHandle, Control};
 /// Smallest read reservation; idle clients settle here, busy ones grow.
 const MIN_READ: usize = 1024;
 const MAX_READ: usize = 64 << 10;
-/// Packets routed in a row after which the reader lets writers run; well under
-/// the default queue depth, so a one-to-one flow does not overflow it.
-const YIELD_AFTER: u64 = 16;
+/// Distinct destinations remembered per read before their writers are woken
+/// early; bounds the list for a sender spraying many peers.
+const MAX_WAKES: usize = 16;
 /// PeerGone(NotHere) answers per sender: burst, then one per second.
 const NOT_HERE_BURST: f64 = 3.0;
 
@@ -41,6 +41,38 @@ impl NotHereLimit {
         } else {
             false
         }
+    }
+}
+
+/// Destination writers to wake once the current read's frames are routed.
+/// Dropping it wakes them too, so no exit path leaves packets unannounced.
+#[derive(Default)]
+struct Wakes(Vec<Arc<ClientHandle>>);
+
+impl Wakes {
+    fn add(&mut self, d: &Arc<ClientHandle>) {
+        if self.0.iter().any(|w| w.conn_id == d.conn_id) {
+            return;
+        }
+        if self.0.len() >= MAX_WAKES {
+            self.wake_all();
+        }
+        self.0.push(d.clone());
+    }
+
+    /// Wakes and forgets every writer noted; true if there was one.
+    fn wake_all(&mut self) -> bool {
+        let any = !self.0.is_empty();
+        for w in self.0.drain(..) {
+            w.queue.wake();
+        }
+        any
+    }
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        self.wake_all();
     }
 }
 
@@ -74,18 +106,11 @@ async fn read_frames(
     let mut routed = 0u64;
     let mut received = 0u64;
     let mut bucket = Bucket::new();
+    // Writers this read's packets went to, woken once when the read's
+    // frames are all routed rather than once per packet.
+    let mut wakes = Wakes::default();
     loop {
         loop {
-            if routed >= YIELD_AFTER {
-                m.packets_routed.inc_by(routed);
-                m.bytes_received.inc_by(received);
-                (routed, received) = (0, 0);
-                // Writers this reader woke wait in this worker's run queue (tokio
-                // runs a woken task after the waker yields). Without a yield a
-                // busy sender routes packet after packet while their queues
-                // overflow.
-                tokio::task::yield_now().await;
-            }
             let f = match frame::decode_frame(buf, frame::client_frame_limit) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -113,12 +138,41 @@ async fn read_frames(
                         deps.registrar.activity(h.clone());
                     }
                     let disco = frame::is_disco(&packet);
-                    match shared.clients.route(h.key, &dst, packet, disco) {
-                        Ok((dst_conn, head_drop)) => {
-                            routed += 1;
-                            if let Some(r) = head_drop {
-                                m.dropped(r).inc();
+                    let src = h.key;
+                    let mut routed_to = shared.clients.with_active(&dst, |d| {
+                        let r = d.queue.try_push_packet(src, packet, disco);
+                        if !matches!(r, Err((DropReason::GoneDisconnected, _))) {
+                            wakes.add(d);
+                        }
+                        (d.conn_id, r)
+                    });
+                    if let Some((_, Err((DropReason::QueueHead, packet)))) = routed_to {
+                        // Full: let its writer drain what this read queued
+                        // (it waits in this worker's run queue) before
+                        // evicting anything; then queue as usual.
+                        wakes.wake_all();
+                        m.packets_routed.inc_by(routed);
+                        m.bytes_received.inc_by(received);
+                        (routed, received) = (0, 0);
+                        tokio::task::yield_now().await;
+                        routed_to = Some(match shared.clients.route(src, &dst, packet, disco) {
+                            Ok((id, head_drop)) => {
+                                if let Some(r) = head_drop {
+                                    m.dropped(r).inc();
+                                }
+                                (id, Ok(()))
                             }
+                            Err(r) => (0, Err((r, bytes::Bytes::new()))),
+                        });
+                    }
+                    let outcome = match routed_to {
+                        None => Err(DropReason::UnknownDest),
+                        Some((id, Ok(()))) => Ok(id),
+                        Some((_, Err((r, _)))) => Err(r),
+                    };
+                    match outcome {
+                        Ok(dst_conn) => {
+                            routed += 1;
                             if last_dst != Some((dst, dst_conn)) {
                                 h.note_sent_to(dst, dst_conn);
                                 last_dst = Some((dst, dst_conn));
@@ -156,12 +210,20 @@ async fn read_frames(
         }
         m.packets_routed.inc_by(routed);
         m.bytes_received.inc_by(received);
+        if wakes.wake_all() && routed > 1 {
+            // Let the writers just woken (in this worker's run queue) write
+            // this read's batch before the next read adds to it.
+            tokio::task::yield_now().await;
+        }
         (routed, received) = (0, 0);
         let idle = buf.is_empty() && hint == MIN_READ;
         if buf.is_empty() && (idle || buf.capacity() > 4 * hint) {
             // Nothing pending: hold no buffer while waiting. Most clients are
             // idle most of the time, and this is most of what one costs.
             *buf = BytesMut::new();
+            if idle {
+                wakes = Wakes::default();
+            }
         }
         #[cfg(feature = "test-hooks")]
         super::test_hooks::check(h, super::test_hooks::Part::Reader);

@@ -334,11 +334,20 @@ mod tests {
         let mut p = client.seal_client_info(&server.public(), b"{}");
         let last = p.len() - 1;
         p[last] ^= 1;
-        assert_eq!(server.open_client_info(&p).err(), Some(HandshakeError::BadBox));
+        assert_eq!(
+            server.open_client_info(&p).err(),
+            Some(HandshakeError::BadBox)
+        );
         let p = client.seal_client_info(&server.public(), b"not json");
-        assert_eq!(server.open_client_info(&p).err(), Some(HandshakeError::BadJson));
+        assert_eq!(
+            server.open_client_info(&p).err(),
+            Some(HandshakeError::BadJson)
+        );
         let p = client.seal_client_info(&server.public(), b"[1]");
-        assert_eq!(server.open_client_info(&p).err(), Some(HandshakeError::BadJson));
+        assert_eq!(
+            server.open_client_info(&p).err(),
+            Some(HandshakeError::BadJson)
+        );
     }
 
     #[test]

@@ -47,6 +47,16 @@ impl Clients {
         }
     }
 
+    /// Runs `f` on `dst`'s active connection while the table entry is held,
+    /// so the hot path need not clone the handle per packet.
+    pub fn with_active<R>(
+        &self,
+        dst: &PublicKey,
+        f: impl FnOnce(&Arc<ClientHandle>) -> R,
+    ) -> Option<R> {
+        self.map.get(dst).map(|slot| f(&slot.active))
+    }
+
     /// Connections currently registered, duplicates included.
     pub fn len(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
