@@ -22,6 +22,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use tokio::time::timeout;
 
+use crate::bandwidth::{BandwidthArgs, bandwidth};
 use crate::compare::{compare, print_throughput_table};
 use crate::forwarder::{ForwarderChild, forward_server};
 use crate::idle::idle;
@@ -37,6 +38,7 @@ macro_rules! out {
     }};
 }
 
+mod bandwidth;
 mod compare;
 mod forwarder;
 mod idle;
@@ -122,6 +124,9 @@ enum Mode {
     /// Admission latency and relayed-packet p99 while bound keys reconnect,
     /// against two relays it starts: one with a large bindings file, one small.
     Tofu(TofuArgs),
+    /// A client sending flat out through a relay with --client-bytes-per-sec:
+    /// its delivered rate against the limit, and light pairs beside it.
+    Bandwidth(BandwidthArgs),
     /// The baseline forwarder itself; prints `listening on ADDR` first.
     ForwardServer {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -179,6 +184,7 @@ fn time_budget(mode: &Mode) -> Option<Duration> {
             duration, rounds, ..
         } => duration.max(0.0) * *rounds as f64 + 30.0,
         Mode::Tofu(a) => 120.0 + (a.duration.max(0.0) + 20.0) * 2.0 * a.rounds.max(1) as f64,
+        Mode::Bandwidth(a) => a.time_budget(),
         Mode::ForwardServer { .. } => return None,
     };
     Some(Duration::from_secs_f64(secs))
@@ -224,6 +230,7 @@ async fn run(mode: Mode) -> Result<()> {
             rounds,
         } => stun_flood(addr, sockets.max(1), window.max(1), duration, rounds.max(1)).await?,
         Mode::Tofu(args) => tofu_bench(args).await?,
+        Mode::Bandwidth(args) => bandwidth(args).await?,
         Mode::ForwardServer {
             addr,
             exit_on_stdin_eof,
