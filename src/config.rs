@@ -96,6 +96,29 @@ pub struct Config {
     /// Bytes a client may send at once above `client_bytes_per_sec`; raised to
     /// at least 65 568 (one largest frame).
     pub client_burst_bytes: u64,
+    // ---- operator settings (issue 13): metrics address, log level, verify URL ----
+    /// Serve Prometheus `/metrics` on this address (e.g. `0.0.0.0:9090`,
+    /// `:9090`); unset = `metrics_port` on loopback.
+    pub metrics_addr: Option<String>,
+    /// Log filter (`info`, `debug`, `info,derp_relay::admission=debug`);
+    /// unset = `RUST_LOG`, else `info`. Reloaded on SIGHUP.
+    pub log_level: Option<String>,
+    /// Ask this URL whether a key may connect (derper's `--verify-client-url`).
+    pub verify_client_url: Option<String>,
+    /// How long to wait for the verify URL's answer.
+    #[serde(with = "duration_text")]
+    pub verify_client_timeout: Duration,
+    /// Admit a client when the verify URL cannot be asked (down, slow, bad answer).
+    pub verify_client_url_fail_open: bool,
+    /// How long an answer from the verify URL is reused; 0s = ask every time.
+    #[serde(with = "duration_text")]
+    pub verify_client_cache_ttl: Duration,
+    /// Answers kept at most in that cache; 0 = no cache.
+    pub verify_client_cache_size: usize,
+    /// How often connected keys are asked again (a refused key is
+    /// disconnected); 0s = only at connect.
+    #[serde(with = "duration_text")]
+    pub verify_client_recheck: Duration,
 }
 
 impl Default for Config {
@@ -129,6 +152,14 @@ impl Default for Config {
             stun_addr: ":3478".into(),
             client_bytes_per_sec: 0,
             client_burst_bytes: 0,
+            metrics_addr: None,
+            log_level: None,
+            verify_client_url: None,
+            verify_client_timeout: Duration::from_secs(2),
+            verify_client_url_fail_open: false,
+            verify_client_cache_ttl: Duration::from_secs(30),
+            verify_client_cache_size: 10_000,
+            verify_client_recheck: Duration::from_secs(60),
         }
     }
 }
@@ -254,6 +285,39 @@ pub struct Flags {
     #[arg(long, value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_burst_bytes: Option<u64>,
+    // ---- operator settings (issue 13) ----
+    /// Serve Prometheus metrics on ADDR, e.g. `0.0.0.0:9090` (instead of --metrics-port's loopback).
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
+    /// Log filter, e.g. `info`, `debug`, `info,derp_relay::admission=debug` [default: RUST_LOG, else info].
+    #[arg(long, value_name = "FILTER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+    /// Ask this URL whether a client key may connect (derper/headscale protocol).
+    #[arg(long, value_name = "URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_client_url: Option<String>,
+    /// Deadline for the verify URL's answer, e.g. `2s`.
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_client_timeout: Option<String>,
+    /// Admit clients when the verify URL cannot be asked (default: refuse them).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub verify_client_url_fail_open: bool,
+    /// Reuse a verify answer for this long (0s = ask every time).
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_client_cache_ttl: Option<String>,
+    /// Verify answers cached at most (0 = no cache).
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_client_cache_size: Option<usize>,
+    /// Ask the verify URL again about connected keys this often (0s = only at connect).
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_client_recheck: Option<String>,
 }
 
 /// A configuration problem, already phrased for the operator.
@@ -334,15 +398,17 @@ impl Config {
                         .into(),
                 ));
             }
-            (None, false) => {
+            (None, false) if self.verify_client_url.is_none() => {
                 return Err(ConfigError(
                     "no admission policy: pass --allowed-keys-file PATH to admit only listed keys, \
+                     --verify-client-url URL to ask an admission service (e.g. headscale), \
                      or --open-relay to admit anyone (see README, \"Admission\")"
                         .into(),
                 ));
             }
             _ => {}
         }
+        self.validate_operator_settings()?;
         if self.rate_limit > 0 && self.rate_burst == 0 {
             return Err(ConfigError(
                 "rate_burst: must be at least 1 when rate_limit is on".into(),
@@ -380,6 +446,95 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Checks of the issue-13 settings (metrics address, log filter, verify URL).
+    fn validate_operator_settings(&self) -> Result<(), ConfigError> {
+        self.metrics_listen()?;
+        if let Some(f) = &self.log_level
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(f.trim())
+        {
+            return Err(ConfigError(format!(
+                "log_level: {f:?} is not a log filter like \"info\" or \"info,derp_relay=debug\": {e}"
+            )));
+        }
+        if let Some(u) = &self.verify_client_url {
+            if self.open_relay {
+                return Err(ConfigError(
+                    "open_relay and verify_client_url are both set: choose one. \
+                     --verify-client-url asks a service about every key; --open-relay admits anyone"
+                        .into(),
+                ));
+            }
+            verify_url_parts(u)?;
+            if self.verify_client_timeout.is_zero() {
+                return Err(ConfigError(
+                    "verify_client_timeout: must be longer than 0s".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Where `/metrics` listens: `metrics_addr`, else 127.0.0.1:`metrics_port`;
+    /// `None` when both are off.
+    pub fn metrics_listen(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        match (&self.metrics_addr, self.metrics_port) {
+            (Some(_), p) if p != 0 => Err(ConfigError(
+                "metrics_addr and metrics_port are both set: choose one \
+                 (metrics_port N is short for metrics_addr 127.0.0.1:N)"
+                    .into(),
+            )),
+            (Some(a), _) => parse_listen(a)
+                .map(Some)
+                .map_err(|e| ConfigError(format!("metrics_addr: {e}"))),
+            (None, 0) => Ok(None),
+            (None, p) => Ok(Some(SocketAddr::from(([127, 0, 0, 1], p)))),
+        }
+    }
+
+    /// The settings that SIGHUP applies to the running relay.
+    pub fn live(&self) -> LiveSettings {
+        LiveSettings {
+            rate_limit: self.rate_limit,
+            rate_burst: self.rate_burst,
+            tofu_lock: self.tofu_lock,
+            tofu_max_bindings: self.tofu_max_bindings,
+            tofu_expire: self.tofu_expire,
+            metrics_token: self.metrics_token.clone(),
+            allowed_keys_file: self.allowed_keys_file.clone(),
+            verify: self.verify_client_url.as_ref().map(|url| VerifySettings {
+                url: url.trim().to_owned(),
+                timeout: self.verify_client_timeout,
+                fail_open: self.verify_client_url_fail_open,
+                cache_ttl: self.verify_client_cache_ttl,
+                cache_size: self.verify_client_cache_size,
+                recheck: self.verify_client_recheck,
+            }),
+        }
+    }
+
+    /// Settings that differ between `self` (in force) and `new` but take a
+    /// restart to apply, by config-file name. `allowed_keys_file` is live
+    /// only while both name a file: turning the ACL on or off changes the
+    /// admission policy chosen at start.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<String> {
+        let (Ok(serde_json::Value::Object(old)), Ok(serde_json::Value::Object(newv))) =
+            (serde_json::to_value(self), serde_json::to_value(new))
+        else {
+            return Vec::new();
+        };
+        let acl_switch = self.allowed_keys_file.is_some() != new.allowed_keys_file.is_some();
+        let mut keys: Vec<String> = old
+            .iter()
+            .filter(|(k, v)| newv.get(k.as_str()) != Some(v))
+            .map(|(k, _)| k.clone())
+            .filter(|k| {
+                !LIVE_KEYS.contains(&k.as_str()) || (k == "allowed_keys_file" && acl_switch)
+            })
+            .collect();
+        keys.sort();
+        keys
     }
 
     /// The listen address as a socket address (`:PORT` listens on every interface).
@@ -434,6 +589,107 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.data_dir.join("tofu-bindings.json"))
     }
+}
+
+/// Settings applied to the running relay when SIGHUP re-reads the config,
+/// by config-file name. Everything else is read once at start.
+pub const LIVE_KEYS: &[&str] = &[
+    "rate_limit",
+    "rate_burst",
+    "tofu_lock",
+    "tofu_max_bindings",
+    "tofu_expire",
+    "metrics_token",
+    "allowed_keys_file",
+    "log_level",
+    "verify_client_url",
+    "verify_client_timeout",
+    "verify_client_url_fail_open",
+    "verify_client_cache_ttl",
+    "verify_client_cache_size",
+    "verify_client_recheck",
+    "client_bytes_per_sec",
+    "client_burst_bytes",
+];
+
+/// The part of the configuration that may change while the relay runs. It is
+/// swapped whole (a `watch` channel in `Shared`); each reader takes the
+/// current value when it needs it, so one reload is seen consistently.
+/// `log_level` is applied by `main`, which owns the subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveSettings {
+    /// HTTP requests per second per client address (0 = off), and the burst.
+    pub rate_limit: u32,
+    pub rate_burst: u32,
+    pub tofu_lock: bool,
+    pub tofu_max_bindings: usize,
+    pub tofu_expire: Duration,
+    /// Unlocks the detailed `/healthz`.
+    pub metrics_token: Option<String>,
+    /// The allowed-keys file the ACL actor watches.
+    pub allowed_keys_file: Option<PathBuf>,
+    /// `None`: no verify URL.
+    pub verify: Option<VerifySettings>,
+    // Per-client bandwidth (`client_bytes_per_sec`, `client_burst_bytes`) is
+    // live too, but not here: every read of every client consults it, so it
+    // lives in two atomics (`conn::pace::ClientRate`) that `Relay::reload`
+    // sets, rather than behind this struct's lock and refcount.
+}
+
+/// `--verify-client-url` and its companions, as one value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifySettings {
+    pub url: String,
+    pub timeout: Duration,
+    pub fail_open: bool,
+    pub cache_ttl: Duration,
+    pub cache_size: usize,
+    pub recheck: Duration,
+}
+
+/// A verify URL's scheme (`true` = https), host, port and path; errors name
+/// the setting.
+pub fn verify_url_parts(u: &str) -> Result<(bool, String, u16, String), ConfigError> {
+    let bad = |why: &str| {
+        ConfigError(format!(
+            "verify_client_url: {u:?} {why} (want e.g. \"https://headscale.example.com/verify\")"
+        ))
+    };
+    let uri: http::Uri = u.trim().parse().map_err(|_| bad("is not a URL"))?;
+    let tls = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(bad("must start with http:// or https://")),
+    };
+    let host = uri
+        .host()
+        .ok_or_else(|| bad("has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let path = uri
+        .path_and_query()
+        .map_or("/".to_owned(), |p| p.as_str().to_owned());
+    Ok((
+        tls,
+        host,
+        port,
+        if path.is_empty() { "/".into() } else { path },
+    ))
+}
+
+/// `:PORT` (every interface) or `IP:PORT`.
+fn parse_listen(a: &str) -> Result<SocketAddr, String> {
+    let a = a.trim();
+    if let Some(port) = a.strip_prefix(':') {
+        return port
+            .parse::<u16>()
+            .map(|p| SocketAddr::from((Ipv6Addr::UNSPECIFIED, p)))
+            .map_err(|e| format!("{a:?} has no valid port: {e}"));
+    }
+    a.parse::<SocketAddr>()
+        .map_err(|e| format!("{a:?} is not an address like \":9090\" or \"0.0.0.0:9090\": {e}"))
 }
 
 fn line_of_offset(text: &str, offset: usize) -> usize {
@@ -658,5 +914,96 @@ mod tests {
             .unwrap_err()
             .0;
         assert!(e.contains("MAX_CLIENTS"), "{e}");
+    }
+
+    #[test]
+    fn operator_settings_validate() {
+        let url = |u: &str| Flags {
+            verify_client_url: Some(u.into()),
+            ..Default::default()
+        };
+        // A verify URL alone is an admission policy.
+        let c = Config::load_from(&url("http://127.0.0.1:8080/verify"), no_env()).unwrap();
+        assert_eq!(c.live().verify.unwrap().timeout, Duration::from_secs(2));
+        for bad in ["ftp://x/verify", "not a url", "http:///verify"] {
+            let e = Config::load_from(&url(bad), no_env()).unwrap_err().0;
+            assert!(e.starts_with("verify_client_url:"), "{bad}: {e}");
+        }
+        let e = Config::load_from(
+            &Flags {
+                open_relay: true,
+                ..url("http://h/verify")
+            },
+            no_env(),
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("choose one"), "{e}");
+        assert_eq!(
+            verify_url_parts("https://[::1]/v?x=1").unwrap(),
+            (true, "::1".into(), 443, "/v?x=1".into())
+        );
+        let e = Config::load_from(
+            &Flags {
+                log_level: Some("info,=[".into()),
+                ..open()
+            },
+            no_env(),
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.starts_with("log_level:"), "{e}");
+        let m = |addr: Option<&str>, port| Config {
+            metrics_addr: addr.map(Into::into),
+            metrics_port: port,
+            ..Config::default()
+        };
+        assert_eq!(m(None, 0).metrics_listen().unwrap(), None);
+        assert_eq!(
+            m(None, 9090).metrics_listen().unwrap(),
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(
+            m(Some(":9090"), 0).metrics_listen().unwrap(),
+            Some("[::]:9090".parse().unwrap())
+        );
+        assert!(m(Some("0.0.0.0:9090"), 9090).metrics_listen().is_err());
+        assert!(
+            m(Some("nowhere"), 0)
+                .metrics_listen()
+                .unwrap_err()
+                .0
+                .starts_with("metrics_addr:")
+        );
+    }
+
+    #[test]
+    fn restart_only_changes_skip_live_keys() {
+        let old = Config {
+            allowed_keys_file: Some("a".into()),
+            ..Config::default()
+        };
+        let new = Config {
+            rate_limit: 1,
+            log_level: Some("debug".into()),
+            allowed_keys_file: Some("b".into()),
+            max_clients: 3,
+            addr: ":1".into(),
+            ..old.clone()
+        };
+        assert_eq!(old.restart_only_changes(&new), ["addr", "max_clients"]);
+        // Turning the file off (for open_relay) is a restart.
+        let open = Config {
+            allowed_keys_file: None,
+            open_relay: true,
+            ..old.clone()
+        };
+        assert_eq!(
+            old.restart_only_changes(&open),
+            ["allowed_keys_file", "open_relay"]
+        );
+        for k in LIVE_KEYS {
+            assert!(Config::keys().contains(&k.to_string()), "{k} is a setting");
+        }
     }
 }

@@ -5,8 +5,9 @@
 //! this list; `tests/layering.rs` enforces it):
 //! `protocol` (frames, handshake boxes, keys: pure), `reasons` (how things
 //! end), `config` → `routing` (table, client handle, send queue) and
-//! `admission` (allowed keys, bindings, server key, `admit`) → `metrics`,
-//! `limits` → `state` (what the running relay shares) → `conn` (one client,
+//! `admission` (allowed keys, bindings, server key, verify-URL formats and
+//! cache, `admit`) → `metrics`, `limits`, `memory` (returns freed heap) →
+//! `state` (what the running relay shares) → `conn` (one client,
 //! upgrade to close) → `actors` (control plane) and `http` (accept loop,
 //! routes) → `relay` (wires it all). `client` and `cli` are the outside tools.
 //!
@@ -25,6 +26,7 @@ pub mod conn;
 pub mod edge;
 pub mod http;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod protocol;
 pub mod reasons;

@@ -31,17 +31,39 @@ struct Cli {
     command: Option<cli::Command>,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Puts a new `log_level` in force (SIGHUP).
+type SetLogLevel = Box<dyn Fn(Option<&str>) -> Result<(), String> + Send + Sync>;
+
+/// `log_level` if set, else `RUST_LOG`, else `info`. The setting was
+/// validated with the config, so a parse failure here cannot happen.
+fn log_filter(level: Option<&str>) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    match level {
+        Some(l) => EnvFilter::try_new(l.trim()).unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    }
+}
+
+fn init_logging(format: LogFormat, level: Option<&str>) -> SetLogLevel {
     let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(level))
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, never in collected logs.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // The reload handle's type depends on the format, hence two arms.
     match format {
-        LogFormat::Text => b.init(),
-        LogFormat::Json => b.json().init(),
+        LogFormat::Text => {
+            let b = b.with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |l| h.reload(log_filter(l)).map_err(|e| e.to_string()))
+        }
+        LogFormat::Json => {
+            let b = b.json().with_filter_reloading();
+            let h = b.reload_handle();
+            b.init();
+            Box::new(move |l| h.reload(log_filter(l)).map_err(|e| e.to_string()))
+        }
     }
 }
 
@@ -57,7 +79,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(config.log_format);
+    let set_log_level = init_logging(config.log_format, config.log_level.as_deref());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -68,16 +90,51 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(run(config))
+    rt.block_on(run(config, cli.flags, set_log_level))
 }
 
-async fn run(config: Config) -> ExitCode {
+/// SIGHUP: re-read every layer as at start, apply what is live, name what
+/// needs a restart; a file that does not load changes nothing.
+fn reload(relay: &Relay, flags: &Flags, set_log_level: &SetLogLevel) {
+    let config = match Config::load(flags) {
+        Ok(c) => c,
+        Err(e) => {
+            relay.reload_failed();
+            tracing::error!("config reload rejected, nothing changed: {e}");
+            return;
+        }
+    };
+    let level = config.log_level.clone();
+    match relay.reload(config) {
+        Ok(report) => {
+            if report.applied.iter().any(|k| k == "log_level")
+                && let Err(e) = set_log_level(level.as_deref())
+            {
+                tracing::error!(error = %e, "log_level: could not apply");
+            }
+            tracing::info!(
+                applied = %report.applied.join(","),
+                "config reloaded"
+            );
+            if !report.restart_only.is_empty() {
+                tracing::warn!(
+                    "config reload: changed settings need a restart and were left as they were: {}",
+                    report.restart_only.join(", ")
+                );
+            }
+        }
+        Err(e) => tracing::error!("config reload rejected, nothing changed: {e}"),
+    }
+}
+
+async fn run(config: Config, flags: Flags, set_log_level: SetLogLevel) -> ExitCode {
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = match (
+    let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(t), Ok(i)) => (t, i),
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
         _ => {
             eprintln!("derp-relay: cannot install signal handlers");
             return ExitCode::FAILURE;
@@ -90,10 +147,13 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let failure = tokio::select! {
-        _ = term.recv() => None,
-        _ = int.recv() => None,
-        why = relay.failed() => Some(why),
+    let failure = loop {
+        tokio::select! {
+            _ = term.recv() => break None,
+            _ = int.recv() => break None,
+            _ = hup.recv() => reload(&relay, &flags, &set_log_level),
+            why = relay.failed() => break Some(why),
+        }
     };
     tracing::info!("stopping: draining clients (a second signal exits at once)");
     let drain = relay.shutdown();

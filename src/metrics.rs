@@ -9,7 +9,8 @@ use prometheus::{
     Registry,
 };
 
-pub use crate::reasons::{DropReason, RefuseReason, Transport};
+pub use crate::reasons::{CloseReason, DropReason, RefuseReason, Transport, VerifyResult};
+use crate::reasons::{RELOAD_RESULTS, RESTARTABLE_ACTORS};
 
 /// What became of one datagram on the STUN socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +76,13 @@ pub struct Metrics {
     pub connection_panics: IntCounter,
     pub acl_reloads: IntCounterVec,
     pub acl_keys: IntGauge,
+    /// 1 while the allowed-keys set in force is the file as it now reads;
+    /// 0 after a reload was rejected (the last good set stays).
+    pub acl_last_reload_success: IntGauge,
+    pub acl_last_reload_success_timestamp: IntGauge,
+    verify_checks: [IntCounter; VerifyResult::ALL.len()],
+    pub verify_fail_open: IntCounter,
+    pub config_reloads: IntCounterVec,
     pub tofu_bindings: IntGauge,
     pub tofu_write_failures: IntCounter,
     pub tofu_evictions: IntCounterVec,
@@ -158,6 +166,48 @@ impl Metrics {
             &["result"],
         );
         let stun = StunCounters(StunResult::ALL.map(|r| stun.with_label_values(&[r.as_str()])));
+        // Every known label value exists from the start, at 0: a dashboard
+        // panel or an alert on a fresh relay then matches a series instead of
+        // nothing (`rate()` of a missing series is no data, not 0).
+        for r in RefuseReason::ALL {
+            refused.with_label_values(&[r.as_str()]);
+        }
+        let disconnects = counter_vec(
+            "derp_disconnects_total",
+            "Client connections that ended, by cause.",
+            &["cause"],
+        );
+        for c in CloseReason::ALL {
+            disconnects.with_label_values(&[c.as_str()]);
+        }
+        let actor_restarts = counter_vec(
+            "derp_actor_restarts_total",
+            "Long-lived actors restarted by the supervisor, by actor.",
+            &["actor"],
+        );
+        for a in RESTARTABLE_ACTORS {
+            actor_restarts.with_label_values(&[a]);
+        }
+        let acl_reloads = counter_vec(
+            "derp_acl_reloads_total",
+            "Allowed-keys file reloads, by result (ok, failed).",
+            &["result"],
+        );
+        let config_reloads = counter_vec(
+            "derp_config_reloads_total",
+            "Config file reloads on SIGHUP, by result (ok, failed).",
+            &["result"],
+        );
+        for r in RELOAD_RESULTS {
+            acl_reloads.with_label_values(&[r]);
+            config_reloads.with_label_values(&[r]);
+        }
+        let verify = counter_vec(
+            "derp_verify_client_checks_total",
+            "Questions to --verify-client-url, by result (allow, deny, cached_allow, cached_deny, timeout, error).",
+            &["result"],
+        );
+        let verify_checks = VerifyResult::ALL.map(|r| verify.with_label_values(&[r.as_str()]));
         Metrics {
             stun,
             packets_routed: counter(
@@ -200,26 +250,28 @@ impl Metrics {
                 "derp_duplicate_key_connections_total",
                 "Connections for a key that was already connected.",
             ),
-            disconnects: counter_vec(
-                "derp_disconnects_total",
-                "Client connections that ended, by cause.",
-                &["cause"],
-            ),
-            actor_restarts: counter_vec(
-                "derp_actor_restarts_total",
-                "Long-lived actors restarted by the supervisor, by actor.",
-                &["actor"],
-            ),
+            disconnects,
+            actor_restarts,
             connection_panics: counter(
                 "derp_connection_panics_total",
                 "Connection actors that panicked (the connection was closed).",
             ),
-            acl_reloads: counter_vec(
-                "derp_acl_reloads_total",
-                "Allowed-keys file reloads, by result (ok, failed).",
-                &["result"],
-            ),
+            acl_reloads,
             acl_keys: gauge("derp_acl_keys", "Keys in the allowed-keys set in force."),
+            acl_last_reload_success: gauge(
+                "derp_acl_last_reload_success",
+                "1 if the last read of the allowed-keys file succeeded, 0 if it was rejected (the last good set stays in force).",
+            ),
+            acl_last_reload_success_timestamp: gauge(
+                "derp_acl_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful read of the allowed-keys file (0 on an open relay).",
+            ),
+            verify_checks,
+            verify_fail_open: counter(
+                "derp_verify_client_fail_open_total",
+                "Clients admitted without an answer from --verify-client-url because --verify-client-url-fail-open is on.",
+            ),
+            config_reloads,
             tofu_bindings: gauge("derp_tofu_bindings", "Keys with a TOFU binding."),
             tofu_evictions: {
                 let v = counter_vec(
@@ -251,6 +303,25 @@ impl Metrics {
 
     pub fn refused_count(&self, reason: RefuseReason) -> u64 {
         self.refused.with_label_values(&[reason.as_str()]).get()
+    }
+
+    pub fn verify(&self, r: VerifyResult) -> &IntCounter {
+        &self.verify_checks[r as usize]
+    }
+
+    /// Records an allowed-keys read: a success sets the gauge to 1 and the
+    /// timestamp to now; a failure sets the gauge to 0 and leaves the
+    /// timestamp at the last success.
+    pub fn acl_read(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.acl_reloads.with_label_values(&[result]).inc();
+        self.acl_last_reload_success.set(ok as i64);
+        if ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            self.acl_last_reload_success_timestamp.set(now);
+        }
     }
 
     pub fn total_dropped(&self) -> u64 {

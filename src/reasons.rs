@@ -61,9 +61,27 @@ pub enum RefuseReason {
     PendingLimit,
     /// The process ran out of file descriptors (answered 503 from a spare one).
     Descriptors,
+    /// `--verify-client-url` answered `{"Allow":false}`.
+    VerifyDenied,
+    /// `--verify-client-url` could not be asked (down, slow, malformed
+    /// answer) and the relay fails closed.
+    VerifyUnavailable,
 }
 
 impl RefuseReason {
+    pub const ALL: [RefuseReason; 10] = [
+        RefuseReason::BadHandshake,
+        RefuseReason::Cap,
+        RefuseReason::Acl,
+        RefuseReason::TofuLock,
+        RefuseReason::RateLimit,
+        RefuseReason::ShuttingDown,
+        RefuseReason::PendingLimit,
+        RefuseReason::Descriptors,
+        RefuseReason::VerifyDenied,
+        RefuseReason::VerifyUnavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RefuseReason::BadHandshake => "bad_handshake",
@@ -74,6 +92,8 @@ impl RefuseReason {
             RefuseReason::ShuttingDown => "shutting_down",
             RefuseReason::PendingLimit => "pending_limit",
             RefuseReason::Descriptors => "descriptors",
+            RefuseReason::VerifyDenied => "verify_denied",
+            RefuseReason::VerifyUnavailable => "verify_unavailable",
         }
     }
 }
@@ -110,10 +130,18 @@ pub enum CloseReason {
     WriteTimeout,
     /// The client sent a malformed, oversized or server-only frame.
     BadFrame,
+    /// A WebSocket text message: DERP travels in binary messages only
+    /// (WebSocket close code 1003, as upstream).
+    TextMessage,
+    /// A WebSocket framing violation (bad opcode or reserved bits, masking,
+    /// oversized message, ...): close code 1002, as upstream.
+    WsProtocol,
     /// A mesh frame (WatchConns, ClosePeer, ForwardPacket) from a non-mesh client.
     MeshFrameFromClient,
     /// The key was removed from the allowed-keys file.
     AclRemoved,
+    /// `--verify-client-url` refused the key when it was checked again.
+    VerifyDenied,
     /// The relay is stopping; the client was told to go elsewhere.
     GoingAway,
     /// A panic in this connection's reader, writer or actor (a bug; counted
@@ -122,14 +150,17 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 12] = [
         CloseReason::Eof,
         CloseReason::ReadError,
         CloseReason::WriteError,
         CloseReason::WriteTimeout,
         CloseReason::BadFrame,
+        CloseReason::TextMessage,
+        CloseReason::WsProtocol,
         CloseReason::MeshFrameFromClient,
         CloseReason::AclRemoved,
+        CloseReason::VerifyDenied,
         CloseReason::GoingAway,
         CloseReason::Panic,
     ];
@@ -141,10 +172,63 @@ impl CloseReason {
             CloseReason::WriteError => "write_error",
             CloseReason::WriteTimeout => "write_timeout",
             CloseReason::BadFrame => "bad_frame",
+            CloseReason::TextMessage => "text_message",
+            CloseReason::WsProtocol => "ws_protocol_error",
             CloseReason::MeshFrameFromClient => "mesh_frame_from_client",
             CloseReason::AclRemoved => "acl_removed",
+            CloseReason::VerifyDenied => "verify_denied",
             CloseReason::GoingAway => "going_away",
             CloseReason::Panic => "panic",
         }
     }
 }
+
+/// What became of one question to `--verify-client-url`. The `result` label
+/// of `derp_verify_client_checks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyResult {
+    /// The URL answered `{"Allow":true}`.
+    Allow,
+    /// The URL answered `{"Allow":false}`.
+    Deny,
+    /// A recent allow, answered from the cache.
+    CachedAllow,
+    /// A recent deny, answered from the cache.
+    CachedDeny,
+    /// No answer within `--verify-client-timeout`.
+    Timeout,
+    /// Connection refused, TLS failure, a non-200 status or a body that is
+    /// not `{"Allow":bool}`.
+    Error,
+}
+
+impl VerifyResult {
+    pub const ALL: [VerifyResult; 6] = [
+        VerifyResult::Allow,
+        VerifyResult::Deny,
+        VerifyResult::CachedAllow,
+        VerifyResult::CachedDeny,
+        VerifyResult::Timeout,
+        VerifyResult::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyResult::Allow => "allow",
+            VerifyResult::Deny => "deny",
+            VerifyResult::CachedAllow => "cached_allow",
+            VerifyResult::CachedDeny => "cached_deny",
+            VerifyResult::Timeout => "timeout",
+            VerifyResult::Error => "error",
+        }
+    }
+}
+
+/// The long-lived actors the supervisor restarts: the `actor` label of
+/// `derp_actor_restarts_total`. Listed here so every series exists from the
+/// start; the supervisor names its children with these strings.
+pub const RESTARTABLE_ACTORS: [&str; 4] = ["metrics", "tofu", "acl", "registry"];
+
+/// Results of an allowed-keys reload (`derp_acl_reloads_total{result}`) and
+/// of a config reload on SIGHUP (`derp_config_reloads_total{result}`).
+pub const RELOAD_RESULTS: [&str; 2] = ["ok", "failed"];

@@ -37,11 +37,30 @@ pub struct Relay {
     accept_task: tokio::task::JoinHandle<()>,
     stun: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
     fatal: watch::Receiver<Option<String>>,
+    _trimmer: crate::memory::Trimmer,
+    /// Re-asks the verify URL about connected keys.
+    verify_recheck: tokio::task::JoinHandle<()>,
+    /// The configuration as loaded at start (before fitting to the
+    /// descriptor limit): restart-only settings are compared with it.
+    started: Config,
+    /// The configuration last applied (start, then each good reload).
+    applied: std::sync::Mutex<Config>,
+}
+
+/// What a SIGHUP reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Live settings that changed and are now in force.
+    pub applied: Vec<String>,
+    /// Settings that changed in the file but need a restart; left as they were.
+    pub restart_only: Vec<String>,
 }
 
 impl Relay {
     /// Validates, starts the supervisor tree, then binds and serves.
     pub async fn start(mut config: Config) -> Result<Relay, String> {
+        // As the operator wrote it, before any fitting: what a reload compares with.
+        let loaded = config.clone();
         crate::limits::fit_clients_to_descriptors(&mut config);
         let listen = config.listen_addr().map_err(|e| e.0)?;
         let acl = match &config.allowed_keys_file {
@@ -58,7 +77,8 @@ impl Relay {
         }
         let bindings = Bindings::load(&bpath)?;
         let secret = load_or_create_key(&config.server_key_path())?;
-        let shared = Arc::new(Shared::new(config, secret, acl, bindings));
+        let verify = Arc::new(crate::edge::verify_url::HttpVerify::new());
+        let shared = Arc::new(Shared::new(config, secret, acl, bindings, verify));
         let actors = Arc::new(Actors::default());
         let client_rate = Arc::new(ClientRate::new(
             shared.config.client_bytes_per_sec,
@@ -109,6 +129,12 @@ impl Relay {
             None => None,
         };
         let accept_task = tokio::spawn(crate::http::server::serve(listener, deps, stop_rx));
+        let verify_recheck = tokio::spawn(crate::actors::verify::recheck_loop(
+            shared.clone(),
+            actors.clone(),
+        ));
+        let started = loaded.clone();
+        let applied = std::sync::Mutex::new(loaded);
         tracing::info!(%addr, server_key = %shared.secret.public().to_nodekey_hex(), "derp-relay listening");
         Ok(Relay {
             shared,
@@ -120,7 +146,66 @@ impl Relay {
             accept_task,
             stun,
             fatal,
+            _trimmer: crate::memory::Trimmer::start(),
+            verify_recheck,
+            started,
+            applied,
         })
+    }
+
+    /// Applies a re-read configuration (SIGHUP): every live setting
+    /// ([`crate::config::LIVE_KEYS`]) takes effect; restart-only settings
+    /// that differ from the running ones are reported and left alone. A
+    /// configuration that cannot be applied (a new allowed-keys file that
+    /// does not parse) changes nothing and says why.
+    pub fn reload(&self, new: Config) -> Result<ReloadReport, String> {
+        let shared = &self.shared;
+        let restart_only = self.started.restart_only_changes(&new);
+        let mut live = new.live();
+        let old_live = shared.live();
+        if restart_only.iter().any(|k| k == "allowed_keys_file") {
+            // Turning the ACL on or off is a restart: keep the file in force.
+            live.allowed_keys_file = old_live.allowed_keys_file.clone();
+        }
+        let repoint = match (&old_live.allowed_keys_file, &live.allowed_keys_file) {
+            (Some(old), Some(new)) if old != new => {
+                if let Err(e) = AllowedKeys::load(new) {
+                    self.reload_failed();
+                    return Err(format!("allowed_keys_file: {e}"));
+                }
+                Some(new.clone())
+            }
+            _ => None,
+        };
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = changed_live_keys(&applied, &new, &restart_only);
+        shared.set_live(live);
+        self.client_rate
+            .set(new.client_bytes_per_sec, new.client_burst_bytes);
+        if let Some(path) = repoint
+            && let Some(acl) = self.actors.acl.get()
+        {
+            let _ = acl.cast(crate::actors::acl::AclMsg::Repoint(path));
+        }
+        *applied = new;
+        shared
+            .metrics
+            .config_reloads
+            .with_label_values(&["ok"])
+            .inc();
+        Ok(ReloadReport {
+            applied: changed,
+            restart_only,
+        })
+    }
+
+    /// Counts a reload whose file was rejected before it reached [`Relay::reload`].
+    pub fn reload_failed(&self) {
+        self.shared
+            .metrics
+            .config_reloads
+            .with_label_values(&["failed"])
+            .inc();
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -174,6 +259,7 @@ impl Relay {
         {
             tracing::error!(error = %e, "final TOFU flush failed");
         }
+        self.verify_recheck.abort();
         self.actors.registry.set(None);
         self.root.stop(Some("shutdown".into()));
         let _ = tokio::time::timeout(Duration::from_secs(5), self.accept_task).await;
@@ -182,6 +268,20 @@ impl Relay {
         }
         left
     }
+}
+
+/// The live settings whose values differ between `old` and `new`.
+fn changed_live_keys(old: &Config, new: &Config, restart_only: &[String]) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(old), serde_json::to_value(new))
+    else {
+        return Vec::new();
+    };
+    crate::config::LIVE_KEYS
+        .iter()
+        .filter(|k| a.get(**k) != b.get(**k) && !restart_only.iter().any(|r| r == *k))
+        .map(|k| k.to_string())
+        .collect()
 }
 
 /// Resolves and binds `stun_addr` (when `stun` is on); a failure names the setting.

@@ -11,7 +11,8 @@ use tokio::sync::watch;
 
 use crate::admission::allowed_keys::{AclStatus, AllowedKeys};
 use crate::admission::bindings::Bindings;
-use crate::config::Config;
+use crate::admission::verify::{AskPolicy, Checked, UrlVerdict, Verifier, VerifyTransport};
+use crate::config::{Config, LiveSettings};
 use crate::metrics::Metrics;
 use crate::protocol::{PublicKey, ServerSecret};
 use crate::reasons::RefuseReason;
@@ -19,7 +20,15 @@ use crate::routing::Clients;
 
 /// State every part of the relay reads. Written only where noted.
 pub struct Shared {
+    /// The settings as started. Restart-only ones are read here; the ones
+    /// SIGHUP may change are read through [`Shared::live`].
     pub config: Config,
+    /// The live settings, swapped whole on reload.
+    live: watch::Sender<Arc<LiveSettings>>,
+    /// `--verify-client-url`'s client and answer cache.
+    pub verifier: Verifier,
+    /// When the last "no usable answer" warning was logged (`now_ms`).
+    verify_warned_ms: AtomicU64,
     pub secret: ServerSecret,
     pub metrics: Arc<Metrics>,
     pub clients: Arc<Clients>,
@@ -43,12 +52,21 @@ impl Shared {
         secret: ServerSecret,
         acl: Option<AllowedKeys>,
         bindings: Bindings,
+        verify: Arc<dyn VerifyTransport>,
     ) -> Self {
         let metrics = Metrics::new();
         metrics.max_clients.set(config.max_clients as i64);
         metrics
             .acl_keys
             .set(acl.as_ref().map_or(0, |a| a.len() as i64));
+        // The file was just read whole (an open relay has nothing to fail).
+        metrics.acl_last_reload_success.set(1);
+        if acl.is_some() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            metrics.acl_last_reload_success_timestamp.set(now);
+        }
         metrics.tofu_bindings.set(bindings.len() as i64);
         Shared {
             acl: RwLock::new(acl.map(Arc::new)),
@@ -57,6 +75,9 @@ impl Shared {
                 last_error: None,
             }),
             bindings: std::sync::Mutex::new(bindings),
+            live: watch::Sender::new(Arc::new(config.live())),
+            verifier: Verifier::new(verify),
+            verify_warned_ms: AtomicU64::new(0),
             config,
             secret,
             metrics: Arc::new(metrics),
@@ -120,20 +141,98 @@ impl Shared {
         let _ = rx.wait_for(|n| *n == 0).await;
     }
 
-    /// Admission of a proven key: the ACL (if any), then `--tofu-lock`.
-    /// Returns the key's ACL label. Called by the registry as it registers the
-    /// client, so an ACL reload cannot slip between check and registration.
-    pub fn admit(&self, key: &PublicKey) -> Result<Option<Arc<str>>, RefuseReason> {
+    /// The live settings in force now.
+    pub fn live(&self) -> Arc<LiveSettings> {
+        self.live.borrow().clone()
+    }
+
+    /// Follows the live settings (each change is one whole new value).
+    pub fn watch_live(&self) -> watch::Receiver<Arc<LiveSettings>> {
+        self.live.subscribe()
+    }
+
+    /// Puts new live settings in force. A changed verify URL or policy
+    /// forgets the cached answers, which were the old policy's.
+    pub fn set_live(&self, new: LiveSettings) {
+        if self.live().verify != new.verify {
+            self.verifier.clear_cache();
+        }
+        self.live.send_replace(Arc::new(new));
+    }
+
+    /// The verify URL's verdict on `key` from `source`, asked only when
+    /// `admit` will weigh it (a URL is set, the key is not listed). Runs in
+    /// the connection's own task: handshakes wait on their own answers only.
+    pub async fn verify_client(
+        &self,
+        key: &PublicKey,
+        source: std::net::IpAddr,
+    ) -> Option<Checked> {
+        let live = self.live();
+        let v = live.verify.as_ref()?;
+        let acl = self.acl();
+        if !crate::admission::should_ask_url(key, acl.as_deref(), true) {
+            return None;
+        }
+        let policy = AskPolicy {
+            url: &v.url,
+            timeout: v.timeout,
+            fail_open: v.fail_open,
+            cache_ttl: v.cache_ttl,
+            cache_size: v.cache_size,
+        };
+        let checked = self.verifier.check(policy, key, source).await;
+        self.metrics.verify(checked.result).inc();
+        let fail_open = checked.verdict == (UrlVerdict::Unavailable { fail_open: true });
+        if fail_open {
+            self.metrics.verify_fail_open.inc();
+        }
+        if let Some(e) = &checked.error {
+            // While the service is down every connecting client fails the
+            // same way: one warning a second, the rest at debug.
+            let now = self.now_ms();
+            let last = self.verify_warned_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 1_000
+                && self
+                    .verify_warned_ms
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(target: "derp_relay::admission", %key, %source, error = %e, fail_open, "verify URL gave no usable answer (further ones this second at debug)");
+            } else {
+                tracing::debug!(target: "derp_relay::admission", %key, %source, error = %e, fail_open, "verify URL gave no usable answer");
+            }
+        }
+        Some(checked)
+    }
+
+    /// Admission of a proven key (order in [`crate::admission::admit`]),
+    /// given the verify URL's verdict asked beforehand. Returns the key's
+    /// ACL label. Called by the registry as it registers the client, so an
+    /// ACL reload cannot slip between check and registration.
+    pub fn admit(
+        &self,
+        key: &PublicKey,
+        url: UrlVerdict,
+    ) -> Result<Option<Arc<str>>, RefuseReason> {
         if self.is_draining() {
             return Err(RefuseReason::ShuttingDown);
         }
         let acl = self.acl();
-        crate::admission::admit(key, acl.as_deref(), self.config.tofu_lock, |k| {
-            self.bindings
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(k)
-        })
+        let live = self.live();
+        crate::admission::admit(
+            key,
+            acl.as_deref(),
+            live.verify.is_some(),
+            url,
+            live.tofu_lock,
+            |k| {
+                self.bindings
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(k)
+            },
+        )
     }
 }
 

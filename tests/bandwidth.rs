@@ -145,3 +145,35 @@ async fn limit_is_off_at_zero_and_changes_live() {
     );
     assert_eq!(t.relay().metrics().total_dropped(), 0);
 }
+
+#[tokio::test]
+async fn a_reload_sets_the_limit_for_connected_clients() {
+    let t = start_relay(|_| {}).await;
+    let mut a = RawClient::connect(t.addr, Via::Ws).await;
+    let b = RawClient::connect(t.addr, Via::Ws).await;
+    assert_eq!(t.relay().client_rate.get(), None);
+    let mut new = t.relay().shared.config.clone();
+    new.client_bytes_per_sec = 300_000;
+    new.client_burst_bytes = 256 << 10;
+    let report = t.relay().reload(new).expect("reload applies");
+    assert!(
+        report.applied.iter().any(|k| k == "client_bytes_per_sec"),
+        "reported as applied live: {:?}",
+        report.applied
+    );
+    assert!(
+        report.restart_only.is_empty(),
+        "needs no restart: {:?}",
+        report.restart_only
+    );
+    assert_eq!(t.relay().client_rate.get(), Some((300_000, 256 << 10)));
+    // The connected client now runs under it: 1 MiB (past the 256 KiB
+    // burst) takes at least (1 MiB - 256 KiB) / 300 kB/s.
+    let n = 64;
+    let started = Instant::now();
+    let _b = transfer(b, &mut a, 0, n).await;
+    let floor = (n as u64 * FRAME - (256 << 10)) as f64 / 300_000.0;
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(elapsed >= floor * 0.95, "{elapsed:.2}s < {floor:.2}s");
+    assert!(paced_reads(&t) > 0);
+}

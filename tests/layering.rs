@@ -14,6 +14,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("admission", &["protocol", "reasons"]),
     ("metrics", &["reasons", "admission"]),
     ("limits", &["config"]),
+    ("memory", &[]),
     (
         "state",
         &[
@@ -28,7 +29,13 @@ const RULES: &[(&str, &[&str])] = &[
     (
         "conn",
         &[
-            "state", "routing", "protocol", "reasons", "metrics", "config",
+            "state",
+            "routing",
+            "protocol",
+            "reasons",
+            "metrics",
+            "config",
+            "admission",
         ],
     ),
     (

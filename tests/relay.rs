@@ -489,3 +489,61 @@ async fn five_hundred_clients_every_packet_accounted_for() {
         "received {received} + dropped {drops} != sent {sent}"
     );
 }
+
+/// After the handshake, a WebSocket client that breaks the protocol is told
+/// why with the close code upstream uses (RFC 6455 §7.4.1), and the close is
+/// counted under its own reason.
+#[tokio::test]
+async fn websocket_violations_after_handshake_get_close_codes() {
+    use futures_util::SinkExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let relay = start_relay(|_| {}).await;
+    let disconnects = |why: &str| {
+        relay
+            .relay()
+            .metrics()
+            .disconnects
+            .with_label_values(&[why])
+            .get()
+    };
+
+    // A text message: 1003 (unsupported data).
+    let mut ws = ws_connect_handshaken(relay.addr).await;
+    ws.inner()
+        .send(Message::Text("hello".into()))
+        .await
+        .unwrap();
+    assert_eq!(ws.close_code().await, Some(1003));
+    eventually("text close counted", || disconnects("text_message") == 1).await;
+
+    // A frame with a reserved bit set (FIN|RSV1|binary, masked, empty): 1002.
+    let mut ws = ws_connect_handshaken(relay.addr).await;
+    ws.inner()
+        .get_mut()
+        .write_all(&[0xc2, 0x80, 1, 2, 3, 4])
+        .await
+        .unwrap();
+    assert_eq!(ws.close_code().await, Some(1002));
+    eventually("framing close counted", || {
+        disconnects("ws_protocol_error") == 1
+    })
+    .await;
+
+    // A malformed DERP frame inside a well-formed binary message: 1002.
+    let mut ws = ws_connect_handshaken(relay.addr).await;
+    // SendPacket announcing 3 bytes: shorter than its 32-byte destination key.
+    ws.write_all(&[FrameType::SendPacket as u8, 0, 0, 0, 3, 1, 2, 3])
+        .await
+        .unwrap();
+    ws.flush().await.unwrap();
+    assert_eq!(ws.close_code().await, Some(1002));
+    eventually("bad frame counted", || disconnects("bad_frame") == 1).await;
+
+    // The relay is unharmed: two fresh clients still exchange packets.
+    let (ka, kb) = (NodeKeyPair::random(), NodeKeyPair::random());
+    let a = ts_client(relay.addr, Via::Ws, &ka).await;
+    let b = ts_client(relay.addr, Via::Derp, &kb).await;
+    a.send_one(kb.public, b"still fine").await.unwrap();
+    assert_eq!(recv_ts(&b).await.1, b"still fine");
+}

@@ -33,6 +33,8 @@ pub enum AclMsg {
     Changed,
     /// The debounce delay passed: re-read the file.
     Reload,
+    /// SIGHUP named another allowed-keys file: watch it and read it now.
+    Repoint(PathBuf),
     /// Lets tests prove an ACL crash is survived.
     #[cfg(feature = "test-hooks")]
     CrashForTest,
@@ -59,17 +61,7 @@ impl Actor for AclActor {
         myself: ActorRef<AclMsg>,
         (shared, actors, path): (Arc<Shared>, Arc<Actors>, PathBuf),
     ) -> Result<AclState, ActorProcessingErr> {
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let me = myself.clone();
-        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok() {
-                let _ = me.cast(AclMsg::Changed);
-            }
-        })?;
-        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        let watcher = watch_dir_of(&path, &myself)?;
         // A restart re-reads the file: it may have changed while we were down.
         let _ = myself.cast(AclMsg::Reload);
         Ok(AclState {
@@ -117,6 +109,24 @@ impl Actor for AclActor {
                 st.reload_pending = false;
                 reload(&st.shared, &st.actors, &st.path);
             }
+            AclMsg::Repoint(path) => {
+                if path != st.path {
+                    // The new watch first: if it cannot be set up, the old
+                    // file stays watched and in force.
+                    match watch_dir_of(&path, &myself) {
+                        Ok(w) => {
+                            tracing::info!(target: "derp_relay::admission", file = %path.display(), "watching another allowed-keys file");
+                            st._watcher = w;
+                            st.path = path;
+                            st.reload_pending = false;
+                            reload(&st.shared, &st.actors, &st.path);
+                        }
+                        Err(e) => {
+                            tracing::error!(target: "derp_relay::admission", file = %path.display(), error = %e, "cannot watch the new allowed-keys file; keeping the old one");
+                        }
+                    }
+                }
+            }
             #[cfg(feature = "test-hooks")]
             AclMsg::CrashForTest => panic!("ACL crash requested by a test"),
         }
@@ -124,12 +134,31 @@ impl Actor for AclActor {
     }
 }
 
+/// Watches the directory holding `path`, telling `me` about every change.
+fn watch_dir_of(
+    path: &Path,
+    me: &ActorRef<AclMsg>,
+) -> Result<notify::RecommendedWatcher, notify::Error> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let me = me.clone();
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = me.cast(AclMsg::Changed);
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}
+
 fn reload(shared: &Shared, actors: &Actors, path: &Path) {
     let m = &shared.metrics;
     match AllowedKeys::load(path) {
         Ok(new) => {
             let old = shared.acl();
-            m.acl_reloads.with_label_values(&["ok"]).inc();
+            m.acl_read(true);
             shared.set_acl_status(AclStatus {
                 last_reload: Some(SystemTime::now()),
                 last_error: None,
@@ -153,7 +182,7 @@ fn reload(shared: &Shared, actors: &Actors, path: &Path) {
             }
         }
         Err(e) => {
-            m.acl_reloads.with_label_values(&["failed"]).inc();
+            m.acl_read(false);
             tracing::error!(target: "derp_relay::admission", error = %e, "allowed keys file rejected; keeping the last good set");
             let mut s = shared.acl_status();
             s.last_error = Some(e);

@@ -1,12 +1,13 @@
-//! Metrics actor: owns the loopback `/metrics` listener (Prometheus text
-//! format) and the process-level collectors.
+//! Metrics actor: owns the `/metrics` listener (Prometheus text format) and
+//! the process-level collectors.
 //!
 //! The counters themselves live in [`Metrics`](crate::metrics::Metrics) and
 //! are updated in place where events happen; this actor never receives a
-//! message per packet. The listener binds 127.0.0.1 only, never the public
-//! address: metrics reveal traffic patterns and are for the operator alone.
+//! message per packet. The listener binds 127.0.0.1 (`--metrics-port`)
+//! unless the operator names an address (`--metrics-addr`) for a scraper in
+//! another container or pod; never the public relay port: metrics reveal
+//! traffic patterns and are for the operator alone.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{HeaderValue, StatusCode};
@@ -56,16 +57,24 @@ impl Actor for MetricsActor {
         _me: ActorRef<MetricsMsg>,
         shared: Arc<Shared>,
     ) -> Result<MetricsState, ActorProcessingErr> {
-        let port = shared.config.metrics_port;
-        if port == 0 {
+        // Validated at start; an error here cannot happen.
+        let Ok(Some(addr)) = shared.config.metrics_listen() else {
             return Ok(MetricsState { server: None });
-        }
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let sock = tokio::net::TcpSocket::new_v4()?;
+        };
+        let setting = if shared.config.metrics_addr.is_some() {
+            "metrics_addr"
+        } else {
+            "metrics_port"
+        };
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
         // A restarted actor rebinds the port its predecessor just released.
         sock.set_reuseaddr(true)?;
         sock.bind(addr)
-            .map_err(|e| format!("metrics_port: cannot listen on {addr}: {e}"))?;
+            .map_err(|e| format!("{setting}: cannot listen on {addr}: {e}"))?;
         let listener = sock.listen(64)?;
         tracing::info!(%addr, "serving /metrics");
         let server = tokio::spawn(async move {

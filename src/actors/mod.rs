@@ -7,11 +7,13 @@ pub mod metrics;
 pub mod registry;
 pub mod supervisor;
 pub mod tofu;
+pub mod verify;
 
 use std::sync::{Arc, RwLock};
 
 use ractor::ActorRef;
 
+use crate::admission::UrlVerdict;
 use crate::conn::{Registered, Registrar};
 use crate::routing::ClientHandle;
 use acl::AclMsg;
@@ -50,11 +52,11 @@ pub struct Actors {
 
 /// Connections register through the registry actor, its single writer.
 impl Registrar for Actors {
-    fn register(&self, h: Arc<ClientHandle>) -> Registered {
+    fn register(&self, h: Arc<ClientHandle>, url: UrlVerdict) -> Registered {
         let reg = self.registry.get();
         Box::pin(async move {
             let reg = reg.ok_or("registry is not running")?;
-            ractor::call_t!(reg, RegistryMsg::Register, 5_000, h).map_err(|e| e.to_string())
+            ractor::call_t!(reg, RegistryMsg::Register, 5_000, h, url).map_err(|e| e.to_string())
         })
     }
 

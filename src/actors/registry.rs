@@ -17,6 +17,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::Actors;
 use super::tofu::TofuMsg;
+use crate::admission::UrlVerdict;
 use crate::metrics::Metrics;
 use crate::protocol::{PeerGoneReason, PublicKey};
 use crate::reasons::{CloseReason, DropReason, RefuseReason};
@@ -27,7 +28,11 @@ use crate::state::Shared;
 pub enum RegistryMsg {
     /// A client proved its key. The registry applies admission (ACL,
     /// `--tofu-lock`, shutdown) and registers it, or replies why not.
-    Register(Arc<ClientHandle>, RpcReplyPort<Result<(), RefuseReason>>),
+    Register(
+        Arc<ClientHandle>,
+        UrlVerdict,
+        RpcReplyPort<Result<(), RefuseReason>>,
+    ),
     /// A connection ended.
     Deregister(Arc<ClientHandle>),
     /// An inactive duplicate sent a packet.
@@ -97,8 +102,8 @@ impl Actor for RegistryActor {
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RegistryMsg::Register(h, reply) => {
-                let label = match st.shared.admit(&h.key) {
+            RegistryMsg::Register(h, url, reply) => {
+                let label = match st.shared.admit(&h.key, url) {
                     Ok(l) => l,
                     Err(r) => {
                         let _ = reply.send(Err(r));

@@ -99,7 +99,8 @@ async fn spawn_child(
             actors.tofu.set(Some(r.clone()));
             Some(r.get_id())
         }
-        Child::Acl => match &shared.config.allowed_keys_file {
+        // The live path: a restart after a SIGHUP re-point watches the new file.
+        Child::Acl => match &shared.live().allowed_keys_file {
             Some(path) => {
                 let args = (shared.clone(), actors.clone(), path.clone());
                 let (r, _) = Actor::spawn_linked(None, AclActor, args, root).await?;
@@ -233,5 +234,21 @@ impl RootState {
             .with_label_values(&[which.name()])
             .inc();
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_child_has_its_restart_series() {
+        for c in [Child::Metrics, Child::Tofu, Child::Acl, Child::Registry] {
+            assert!(
+                crate::reasons::RESTARTABLE_ACTORS.contains(&c.name()),
+                "{} missing from RESTARTABLE_ACTORS",
+                c.name()
+            );
+        }
     }
 }

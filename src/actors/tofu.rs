@@ -80,7 +80,7 @@ impl TofuState {
     }
 
     fn evict(&self) {
-        let cfg = &self.shared.config;
+        let cfg = self.shared.live();
         let acl = self.shared.acl();
         let (expired, capped) = self.lock().evict(
             unix_now(),
@@ -137,7 +137,7 @@ impl Actor for TofuActor {
                 let (new, over) = {
                     let mut b = st.lock();
                     let new = b.seen(key, label, addr, unix_now());
-                    let cap = st.shared.config.tofu_max_bindings;
+                    let cap = st.shared.live().tofu_max_bindings;
                     (new, cap != 0 && b.len() > cap)
                 };
                 if new {

@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use super::ConnDeps;
 use super::actor::{ConnArgs, ConnectionActor};
 use super::preauth::PreAuth;
+use crate::admission::UrlVerdict;
 use crate::protocol::frame::{self, FrameType};
 use crate::protocol::handshake::{Session, server_info_json};
 use crate::protocol::{ClientInfo, FrameError, PublicKey};
@@ -68,6 +69,15 @@ pub async fn accept(
             return;
         }
     };
+    // MESH HOOK: a mesh peer (its ClientInfo carries the relay's mesh key)
+    // is trusted before every admission check and never asked about: skip
+    // this call for it (NotAsked) and have the registry skip `admit` for it
+    // (with a URL set, `admit` refuses NotAsked); mark its handle so the
+    // re-check in actors/verify.rs skips it too.
+    let url = match shared.verify_client(&key, remote.ip()).await {
+        None => UrlVerdict::NotAsked,
+        Some(c) => c.verdict,
+    };
     let sealed = session.seal(&server_info_json(None));
     let mut server_info = BytesMut::new();
     frame::encode_server_info(&mut server_info, &sealed);
@@ -83,6 +93,7 @@ pub async fn accept(
         read_buf: buf,
         server_info,
         slot,
+        url,
     };
     let Some(root) = deps.supervisor.get().cloned() else {
         return; // not started yet; cannot happen once serving

@@ -15,12 +15,13 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinHandle;
 
 use super::reader::read_loop;
-use super::transport::{ConnReader, ConnWriter};
+use super::transport::{ConnReader, ConnWriter, ws_close_code};
 use super::writer::write_loop;
 use super::{ConnDeps, ConnMsg};
+use crate::admission::UrlVerdict;
 use crate::protocol::{ClientInfo, PublicKey};
 use crate::reasons::{CloseReason, DropReason, Transport};
-use crate::routing::ClientHandle;
+use crate::routing::{ClientHandle, Control};
 use crate::state::ClientSlot;
 
 pub struct ConnectionActor;
@@ -36,6 +37,8 @@ pub struct ConnArgs {
     pub(super) read_buf: BytesMut,
     pub(super) server_info: BytesMut,
     pub(super) slot: ClientSlot,
+    /// The verify URL's verdict, asked before the actor started.
+    pub(super) url: UrlVerdict,
 }
 
 pub struct ConnState {
@@ -87,7 +90,7 @@ impl Actor for ConnectionActor {
                 let _ = me.cast(ConnMsg::Close(why));
             }),
         ));
-        if let Err(reason) = deps.registrar.register(handle.clone()).await? {
+        if let Err(reason) = deps.registrar.register(handle.clone(), a.url).await? {
             shared.metrics.refused(reason);
             tracing::info!(target: "derp_relay::admission", key = %a.key, remote = %a.remote, reason = reason.as_str(), "client refused");
             a.writer.refuse(reason.as_str()).await;
@@ -105,7 +108,10 @@ impl Actor for ConnectionActor {
         ));
         let reader = tokio::spawn(guarded(
             handle.clone(),
-            read_loop(a.reader, a.read_buf, handle.clone(), deps.clone()),
+            hand_over_violations(
+                read_loop(a.reader, a.read_buf, handle.clone(), deps.clone()),
+                handle.clone(),
+            ),
         ));
         #[cfg(feature = "test-hooks")]
         super::test_hooks::started(&handle, myself.clone());
@@ -141,6 +147,28 @@ impl Actor for ConnectionActor {
         }
         Ok(())
     }
+}
+
+/// A WebSocket client that broke the protocol is told why with a close code,
+/// which only the writer can send: the reader hands the reason over and
+/// waits to be aborted, so the writer's close frame is not cut off by the
+/// connection ending first. The write-timeout sweeper bounds how long that
+/// takes when the client does not read.
+fn hand_over_violations(
+    read: impl Future<Output = CloseReason>,
+    h: Arc<ClientHandle>,
+) -> impl Future<Output = CloseReason> {
+    read.then(move |why| {
+        let handed = h.transport == Transport::WebSocket
+            && ws_close_code(why).is_some()
+            && h.queue.push_control(Control::Abort(why));
+        async move {
+            if handed {
+                std::future::pending::<()>().await;
+            }
+            why
+        }
+    })
 }
 
 /// Runs one of a connection's tasks; however it ends, including by a panic,

@@ -25,6 +25,7 @@ use std::sync::{Arc, OnceLock};
 
 use ractor::ActorCell;
 
+use crate::admission::UrlVerdict;
 use crate::reasons::{CloseReason, RefuseReason};
 use crate::routing::ClientHandle;
 use crate::state::Shared;
@@ -38,8 +39,9 @@ pub type Registered =
 
 /// How a connection registers with the routing table's single writer.
 pub trait Registrar: Send + Sync {
-    /// Admission and registration of a proven key.
-    fn register(&self, h: Arc<ClientHandle>) -> Registered;
+    /// Admission and registration of a proven key, with the verify URL's
+    /// verdict asked beforehand by the connection.
+    fn register(&self, h: Arc<ClientHandle>, url: UrlVerdict) -> Registered;
     /// The connection ended.
     fn deregister(&self, h: Arc<ClientHandle>);
     /// An inactive duplicate sent a packet (last writer becomes active).

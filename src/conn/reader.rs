@@ -256,7 +256,7 @@ async fn read_frames(
             }
             Err(e) => {
                 tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "read failed");
-                return CloseReason::ReadError;
+                return rd.close_reason(&e);
             }
         }
     }

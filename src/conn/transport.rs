@@ -14,11 +14,12 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::protocol::frame;
+use crate::reasons::CloseReason;
 
 pub type RawIo = TokioIo<Upgraded>;
 pub type WsIo = super::read_ahead::ReadAhead<RawIo>;
@@ -75,7 +76,10 @@ impl ConnReader {
             ConnReader::Ws(r) => loop {
                 match r.next().await {
                     None => return Ok(0),
-                    Some(Err(e)) => return Err(io::Error::other(e)),
+                    Some(Err(WsError::Io(e))) => return Err(e),
+                    // Any other tungstenite error is the peer breaking the
+                    // WebSocket rules; the kind tells `close_reason` so.
+                    Some(Err(e)) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
                     Some(Ok(Message::Binary(b))) => {
                         if b.is_empty() {
                             continue;
@@ -86,7 +90,7 @@ impl ConnReader {
                     Some(Ok(Message::Close(_))) => return Ok(0),
                     Some(Ok(Message::Text(_))) => {
                         return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
+                            io::ErrorKind::Unsupported,
                             "text WebSocket message; DERP uses binary messages",
                         ));
                     }
@@ -95,6 +99,29 @@ impl ConnReader {
                 }
             },
         }
+    }
+
+    /// Why a failed `read_some` ends the connection: on WebSocket, the peer
+    /// breaking the framing rules is told so with a close code (see
+    /// [`ConnWriter::abort`]); everything else is a plain read error.
+    pub fn close_reason(&self, e: &io::Error) -> CloseReason {
+        match (self, e.kind()) {
+            (ConnReader::Ws(_), io::ErrorKind::Unsupported) => CloseReason::TextMessage,
+            (ConnReader::Ws(_), io::ErrorKind::InvalidData) => CloseReason::WsProtocol,
+            _ => CloseReason::ReadError,
+        }
+    }
+}
+
+/// The WebSocket close code that tells a client its connection ends for
+/// `why`, for the reasons that are the client's own doing (RFC 6455 §7.4.1;
+/// upstream derper sends 1003 for text and 1002 for protocol errors).
+pub fn ws_close_code(why: CloseReason) -> Option<CloseCode> {
+    match why {
+        CloseReason::TextMessage => Some(CloseCode::Unsupported),
+        CloseReason::WsProtocol | CloseReason::BadFrame => Some(CloseCode::Protocol),
+        CloseReason::MeshFrameFromClient => Some(CloseCode::Policy),
+        _ => None,
     }
 }
 
@@ -160,6 +187,23 @@ impl ConnWriter {
                 let _ = w.send(Message::Close(Some(close))).await;
                 let _ = w.close().await;
             }
+        }
+    }
+
+    /// Ends a connection the client broke the protocol on: a WebSocket close
+    /// frame with the code for `why`, then the close handshake; on raw DERP,
+    /// which has no such frame, the stream just ends.
+    pub async fn abort(&mut self, why: CloseReason) {
+        match (&mut *self, ws_close_code(why)) {
+            (ConnWriter::Ws(w), Some(code)) => {
+                let close = CloseFrame {
+                    code,
+                    reason: why.as_str().into(),
+                };
+                let _ = w.send(Message::Close(Some(close))).await;
+                let _ = w.close().await;
+            }
+            _ => self.close().await,
         }
     }
 

@@ -60,6 +60,12 @@ async fn write_frames(
                     frame::encode_keepalive(out);
                     ping = true;
                 }
+                Control::Abort(why) => {
+                    h.begin_write(shared.now_ms(), 0);
+                    wr.abort(why).await;
+                    h.end_write();
+                    return why;
+                }
             }
         }
         let packets = batch.packet_count() as u64;

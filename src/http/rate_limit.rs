@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -21,26 +22,49 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 type Keyed = RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, DefaultClock>;
 
 pub struct IpRateLimit {
-    limiter: Option<Keyed>,
+    /// Swapped whole when SIGHUP changes the rate (buckets start full again).
+    limiter: RwLock<(u32, u32, Option<Arc<Keyed>>)>,
     clock: DefaultClock,
+}
+
+fn keyed(per_second: u32, burst: u32) -> Option<Arc<Keyed>> {
+    NonZeroU32::new(per_second).map(|rate| {
+        let burst = NonZeroU32::new(burst).unwrap_or(rate);
+        Arc::new(RateLimiter::keyed(
+            Quota::per_second(rate).allow_burst(burst),
+        ))
+    })
 }
 
 impl IpRateLimit {
     /// `per_second == 0` turns the limit off.
     pub fn new(per_second: u32, burst: u32) -> Self {
-        let limiter = NonZeroU32::new(per_second).map(|rate| {
-            let burst = NonZeroU32::new(burst).unwrap_or(rate);
-            RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst))
-        });
         IpRateLimit {
-            limiter,
+            limiter: RwLock::new((per_second, burst, keyed(per_second, burst))),
             clock: DefaultClock::default(),
         }
     }
 
+    /// Applies a new rate and burst (a live reload); unchanged values keep
+    /// the buckets as they are.
+    pub fn reconfigure(&self, per_second: u32, burst: u32) {
+        let mut l = self.limiter.write().unwrap_or_else(|p| p.into_inner());
+        if (l.0, l.1) != (per_second, burst) {
+            *l = (per_second, burst, keyed(per_second, burst));
+        }
+    }
+
+    fn current(&self) -> Option<Arc<Keyed>> {
+        self.limiter
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .2
+            .clone()
+    }
+
     /// `Err(retry_after)` when `ip` is over its limit.
     pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        let Some(l) = &self.limiter else {
+        let Some(l) = self.current() else {
             return Ok(());
         };
         if l.len() >= MAX_TRACKED {
@@ -55,14 +79,14 @@ impl IpRateLimit {
 
     /// Forgets addresses whose buckets are full again.
     pub fn sweep(&self) {
-        if let Some(l) = &self.limiter {
+        if let Some(l) = self.current() {
             l.retain_recent();
             l.shrink_to_fit();
         }
     }
 
     pub fn tracked(&self) -> usize {
-        self.limiter.as_ref().map_or(0, |l| l.len())
+        self.current().map_or(0, |l| l.len())
     }
 }
 
@@ -84,5 +108,10 @@ mod tests {
             "other addresses unaffected"
         );
         assert!(IpRateLimit::new(0, 0).check(ip).is_ok(), "0 = off");
+        l.reconfigure(0, 0);
+        assert!(l.check(ip).is_ok(), "turned off live");
+        l.reconfigure(1, 1);
+        assert!(l.check(ip).is_ok());
+        assert!(l.check(ip).is_err(), "turned on live");
     }
 }

@@ -111,7 +111,9 @@ fn healthz(shared: Arc<Shared>, auth: Option<String>) -> Response {
     } else {
         (StatusCode::OK, "ok")
     };
-    let (Some(token), Some(auth)) = (shared.config.metrics_token.as_deref(), auth) else {
+    // The live token: a SIGHUP reload rotates it.
+    let live = shared.live();
+    let (Some(token), Some(auth)) = (live.metrics_token.as_deref(), auth) else {
         return text(
             status,
             if status == StatusCode::OK {
@@ -156,6 +158,11 @@ fn healthz(shared: Arc<Shared>, auth: Option<String>) -> Response {
         "rss_bytes": rss_bytes(),
         "acl": acl,
         "tofu_bindings": tofu_bindings,
+        // Not the URL itself: it may carry a secret in its query.
+        "verify_client": live.verify.as_ref().map(|v| serde_json::json!({
+            "fail_open": v.fail_open,
+            "cached_answers": shared.verifier.cached(),
+        })),
     });
     let mut r = Response::new(format!("{body}\n").into());
     *r.status_mut() = status;

@@ -44,14 +44,25 @@ pub async fn serve(listener: TcpListener, deps: Arc<ConnDeps>, mut stop: watch::
     });
     let routes = super::routes::routes(deps.clone(), gate.clone());
     let svc = warp::service(routes);
-    let limit = Arc::new(IpRateLimit::new(cfg.rate_limit, cfg.rate_burst));
+    let live = shared.live();
+    let limit = Arc::new(IpRateLimit::new(live.rate_limit, live.rate_burst));
     let sweeper = {
         let limit = limit.clone();
+        // SIGHUP reload: the rate limit follows the live settings.
+        let mut live = shared.watch_live();
         tokio::spawn(async move {
             let mut t = tokio::time::interval(SWEEP_EVERY);
             loop {
-                t.tick().await;
-                limit.sweep();
+                tokio::select! {
+                    _ = t.tick() => limit.sweep(),
+                    changed = live.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let l = live.borrow_and_update().clone();
+                        limit.reconfigure(l.rate_limit, l.rate_burst);
+                    }
+                }
             }
         })
     };

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::protocol::{PeerGoneReason, PublicKey};
-use crate::reasons::DropReason;
+use crate::reasons::{CloseReason, DropReason};
 
 /// Control frames kept per client before the oldest is dropped; they are tiny
 /// and only pile up when a client stops reading.
@@ -26,6 +26,10 @@ pub enum Control {
     Pong([u8; 8]),
     PeerGone(PublicKey, PeerGoneReason),
     KeepAlive,
+    /// The reader found a protocol violation: the writer tells the client why
+    /// (a WebSocket close code) and ends the connection. Handed to the writer
+    /// because it owns the write half; nothing queued after it is sent.
+    Abort(CloseReason),
 }
 
 /// What the writer takes out of the queue in one go.

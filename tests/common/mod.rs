@@ -105,7 +105,16 @@ pub async fn tcp_from(src: IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
 
 /// HTTP/1.1 `Upgrade: DERP` exactly as `ts_derp` does it (via `ts_http_util`).
 pub async fn derp_upgrade(addr: SocketAddr) -> io::Result<ts_http_util::Upgraded> {
-    let tcp = tcp_from(next_source_ip(), addr).await?;
+    derp_upgrade_from(addr, next_source_ip()).await
+}
+
+/// [`derp_upgrade`] from a chosen source address (for tests that need two
+/// connections from one client address).
+pub async fn derp_upgrade_from(
+    addr: SocketAddr,
+    src: IpAddr,
+) -> io::Result<ts_http_util::Upgraded> {
+    let tcp = tcp_from(src, addr).await?;
     let url = url::Url::parse(&format!("http://{addr}/derp")).map_err(io::Error::other)?;
     let http = ts_http_util::http1::connect::<ts_http_util::EmptyBody>(tcp)
         .await

@@ -1,6 +1,6 @@
 //! `deploy/docker-compose.yml`: the relay service's command, environment,
-//! ports, healthcheck, grace period, limits and volumes against the relay, the
-//! metrics bridge's forwarding, and the Caddy service's upstream.
+//! ports (metrics included), healthcheck, grace period, limits and volumes
+//! against the relay, and the Caddy service's upstream.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +16,6 @@ fn compose_file_matches_the_relay() {
     let cmd = strings(get(relay, &["command"]));
     let config = load_args("compose derp-relay command", &cmd);
     let port = config.listen_addr().unwrap().port();
-    assert!(config.metrics_port > 0, "compose serves metrics");
 
     let env: BTreeMap<String, String> = get(relay, &["environment"])
         .as_mapping()
@@ -59,37 +58,32 @@ fn compose_file_matches_the_relay() {
         ports.iter().any(|(_, c)| *c == port),
         "compose publishes the relay's port {port}"
     );
-    let bridge = get(&c, &["services", "metrics-bridge"]);
-    assert_eq!(
-        str_of(get(bridge, &["network_mode"])),
-        "service:derp-relay",
-        "the bridge must share the relay's network namespace to reach its loopback"
-    );
-    let socat = strings(get(bridge, &["command"]));
-    let listen: u16 = socat
-        .iter()
-        .find_map(|a| a.strip_prefix("TCP-LISTEN:"))
-        .and_then(|a| a.split(',').next())
-        .and_then(|p| p.parse().ok())
-        .expect("socat listens");
-    let target = socat
-        .iter()
-        .find_map(|a| a.strip_prefix("TCP:127.0.0.1:"))
-        .and_then(|p| p.parse::<u16>().ok())
-        .expect("socat forwards to loopback");
-    assert_eq!(
-        target, config.metrics_port,
-        "the bridge forwards to --metrics-port"
+    // Metrics on the container's address (no bridge): published on the
+    // host's loopback only, and reachable as derp-relay:PORT on the network.
+    let metrics = config
+        .metrics_listen()
+        .unwrap()
+        .expect("compose serves metrics");
+    assert!(
+        !metrics.ip().is_loopback(),
+        "the container's loopback reaches nothing"
     );
     assert!(
         ports
             .iter()
-            .any(|(h, c)| *c == listen && h.starts_with("127.0.0.1:")),
+            .any(|(h, c)| *c == metrics.port() && h.starts_with("127.0.0.1:")),
         "metrics published on the host's loopback only"
     );
     assert!(
-        !ports.iter().any(|(_, c)| *c == config.metrics_port),
-        "publishing --metrics-port itself reaches nothing: the relay binds it to loopback"
+        !ports
+            .iter()
+            .any(|(h, c)| *c == metrics.port() && !h.starts_with("127.0.0.1:")),
+        "metrics never published on a public address"
+    );
+    let services = get(&c, &["services"]).as_mapping().unwrap();
+    assert!(
+        !services.contains_key("metrics-bridge"),
+        "no socat bridge: --metrics-addr serves the network directly"
     );
 
     let hc = strings(get(relay, &["healthcheck", "test"]));

@@ -48,6 +48,7 @@ fn kubernetes_manifests_match_the_relay_and_each_other() {
         "configmap.yaml",
         "pdb.yaml",
         "servicemonitor.yaml",
+        "networkpolicy.yaml",
     ] {
         assert!(resources.iter().any(|x| x == r), "kustomization lists {r}");
     }
@@ -148,24 +149,82 @@ fn kubernetes_manifests_match_the_relay_and_each_other() {
     ));
     AllowedKeys::parse(&keys_text).unwrap_or_else(|e| panic!("configmap keys: {e}"));
 
-    // The metrics bridge forwards to --metrics-port and serves `metrics`.
-    let bridge = container(pod, "metrics-bridge");
-    let socat = strings(get(bridge, &["args"]));
+    // The relay serves metrics on the pod address (no bridge), on the port
+    // named `metrics` that the annotations, the Service and the
+    // ServiceMonitor use.
+    let metrics_addr = config
+        .metrics_listen()
+        .unwrap()
+        .expect("deployment serves metrics");
     assert!(
-        socat
-            .iter()
-            .any(|a| *a == format!("TCP:127.0.0.1:{}", config.metrics_port))
+        !metrics_addr.ip().is_loopback(),
+        "a scraper cannot reach a pod's loopback"
     );
-    let metrics_port = named_port(bridge, "metrics");
-    assert!(
-        socat
-            .iter()
-            .any(|a| a.starts_with(&format!("TCP-LISTEN:{metrics_port},")))
-    );
+    let metrics_port = named_port(relay, "metrics");
+    assert_eq!(metrics_port, metrics_addr.port());
+    let names: Vec<String> = get(pod, &["containers"])
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| str_of(get(c, &["name"])))
+        .collect();
+    assert_eq!(names, ["derp-relay"], "no sidecar");
     let ann = get(&dep, &["spec", "template", "metadata", "annotations"]);
     assert_eq!(
         str_of(get(ann, &["prometheus.io/port"])),
         metrics_port.to_string()
+    );
+    let sm = k8s("servicemonitor.yaml");
+    assert_eq!(
+        str_of(get(&get(&sm, &["spec", "endpoints"])[0], &["port"])),
+        "metrics"
+    );
+
+    // The NetworkPolicy leaves DERP and STUN open and admits only a
+    // selected peer to the metrics port.
+    let np = k8s("networkpolicy.yaml");
+    assert_eq!(
+        str_of(get(
+            &np,
+            &[
+                "spec",
+                "podSelector",
+                "matchLabels",
+                "app.kubernetes.io/name"
+            ]
+        )),
+        "derp-relay"
+    );
+    let rules = get(&np, &["spec", "ingress"]).as_sequence().unwrap();
+    let ports_of = |r: &Yaml| -> Vec<String> {
+        get(r, &["ports"])
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| str_of(get(p, &["port"])))
+            .collect()
+    };
+    for r in rules {
+        let ports = ports_of(r);
+        for p in &ports {
+            assert!(
+                ["http", "stun", "metrics"].contains(&p.as_str()),
+                "networkpolicy port {p}"
+            );
+        }
+        if ports.iter().any(|p| p == "metrics") {
+            assert!(
+                r.get("from")
+                    .is_some_and(|f| !f.as_sequence().unwrap().is_empty()),
+                "metrics open only to named peers"
+            );
+            assert_eq!(ports, ["metrics"]);
+        }
+    }
+    assert!(
+        rules
+            .iter()
+            .any(|r| ports_of(r).contains(&"http".to_string()) && r.get("from").is_none())
     );
 
     // Service → container ports, Ingress/ServiceMonitor → Service ports.
@@ -178,8 +237,7 @@ fn kubernetes_manifests_match_the_relay_and_each_other() {
             target == "http" || target == "metrics",
             "service targetPort {target}"
         );
-        let c = if target == "http" { relay } else { bridge };
-        named_port(c, &target);
+        named_port(relay, &target);
         svc_port_names.insert(str_of(get(p, &["name"])));
     }
     let ing = k8s("ingress.yaml");

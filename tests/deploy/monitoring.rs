@@ -1,5 +1,5 @@
-//! `deploy/prometheus/` and `deploy/grafana/`: the scrape target reaches the
-//! compose metrics bridge, and every metric an alert or a dashboard panel
+//! `deploy/prometheus/` and `deploy/grafana/`: the scrape target is the
+//! compose relay's --metrics-addr, and every metric an alert or a dashboard panel
 //! queries is one the relay exports. Checked together because the alerts and
 //! the dashboard share one test and one list of known metrics.
 
@@ -76,14 +76,14 @@ fn prometheus_alerts_and_dashboard_use_real_metrics() {
     let job = &get(&p, &["scrape_configs"])[0];
     let target = str_of(&get(&get(job, &["static_configs"])[0], &["targets"])[0]);
     let compose = yaml("deploy/docker-compose.yml");
-    let socat = strings(get(&compose, &["services", "metrics-bridge", "command"]));
+    let cmd = strings(get(&compose, &["services", "derp-relay", "command"]));
+    let metrics = crate::common::load_args("compose derp-relay command", &cmd)
+        .metrics_listen()
+        .unwrap()
+        .expect("compose serves metrics");
     let (host, port) = target.rsplit_once(':').unwrap();
     assert_eq!(host, "derp-relay", "scrapes the compose service");
-    assert!(
-        socat
-            .iter()
-            .any(|a| a.starts_with(&format!("TCP-LISTEN:{port},")))
-    );
+    assert_eq!(port, metrics.port().to_string(), "scrapes --metrics-addr");
     let job_name = str_of(get(job, &["job_name"]));
 
     let alerts = yaml("deploy/prometheus/alerts.yml");

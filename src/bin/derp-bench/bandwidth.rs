@@ -72,7 +72,11 @@ pub(crate) async fn bandwidth(a: BandwidthArgs) -> Result<()> {
         rate: a.light_rate,
     };
     let alone = if a.light_pairs > 0 {
-        Some(run_load(&target, &light).await.context("light pairs alone")?)
+        Some(
+            run_load(&target, &light)
+                .await
+                .context("light pairs alone")?,
+        )
     } else {
         None
     };
@@ -112,7 +116,11 @@ pub(crate) async fn bandwidth(a: BandwidthArgs) -> Result<()> {
     tokio::time::sleep(Duration::from_secs_f64(a.warmup)).await;
     let (n0, t0) = (delivered.load(Relaxed), Instant::now());
     let beside = if a.light_pairs > 0 {
-        Some(run_load(&target, &light).await.context("light pairs beside")?)
+        Some(
+            run_load(&target, &light)
+                .await
+                .context("light pairs beside")?,
+        )
     } else {
         tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
         None
