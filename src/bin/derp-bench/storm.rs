@@ -78,7 +78,8 @@ pub(crate) async fn storm(a: StormArgs) -> Result<()> {
     let dir = tempfile_dir::Dir::new("storm")?;
     let scheme = if a.websocket { "ws" } else { "http" };
     let url = BenchUrl::parse(&format!("{scheme}://{}/derp", a.addr))?;
-    let secrets: Arc<Vec<ClientSecret>> = Arc::new((0..n).map(|_| ClientSecret::generate()).collect());
+    let secrets: Arc<Vec<ClientSecret>> =
+        Arc::new((0..n).map(|_| ClientSecret::generate()).collect());
     let shared = Arc::new(Shared {
         epoch: Instant::now(),
         back: std::array::from_fn(|_| (0..n).map(|_| AtomicU64::new(0)).collect()),
@@ -88,7 +89,12 @@ pub(crate) async fn storm(a: StormArgs) -> Result<()> {
     });
 
     let (mut relay, listening) = start_relay(&a, dir.path()).await?;
-    out!("relay listening on {} ({} clients over {})", a.addr, n, url.text);
+    out!(
+        "relay listening on {} ({} clients over {})",
+        a.addr,
+        n,
+        url.text
+    );
     let gate = Arc::new(Semaphore::new(a.concurrency.max(1)));
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..n)
@@ -119,7 +125,10 @@ pub(crate) async fn storm(a: StormArgs) -> Result<()> {
         .await?
         .context("waiting for the relay to drain")?;
     let drained = term.elapsed().as_secs_f64();
-    out!("relay drained and exited ({}) {drained:.2} s after SIGTERM", status.0);
+    out!(
+        "relay drained and exited ({}) {drained:.2} s after SIGTERM",
+        status.0
+    );
     let (mut relay2, listening2) = start_relay(&a, dir.path()).await?;
     let since_term = (listening2 - term).as_secs_f64();
     out!("new relay listening {since_term:.2} s after SIGTERM");
@@ -148,7 +157,11 @@ pub(crate) async fn storm(a: StormArgs) -> Result<()> {
     out!("|---|---:|---:|---:|---:|---:|---:|---:|");
     out!(
         "| {} | {n} | {drained:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} % |",
-        if a.websocket { "websocket" } else { "derp upgrade" },
+        if a.websocket {
+            "websocket"
+        } else {
+            "derp upgrade"
+        },
         q(0.5),
         q(0.9),
         q(0.99),
