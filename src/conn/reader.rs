@@ -76,6 +76,20 @@ impl Drop for Wakes {
     }
 }
 
+/// Lets the writers this read woke run (they wait in this worker's run
+/// queue), then queues as usual, evicting the oldest if still full.
+async fn route_after_yield(
+    clients: &crate::routing::Clients,
+    src: PublicKey,
+    dst: PublicKey,
+    packet: bytes::Bytes,
+    disco: bool,
+) -> (PublicKey, Result<(u64, Option<DropReason>), DropReason>) {
+    tokio::task::yield_now().await;
+    let r = clients.route(src, &dst, packet, disco);
+    (dst, r)
+}
+
 pub(super) async fn read_loop(
     mut rd: ConnReader,
     mut buf: BytesMut,
@@ -132,7 +146,7 @@ async fn read_frames(
                 }
             };
             match f {
-                ClientFrame::SendPacket { dst, packet } => {
+                ClientFrame::SendPacket { mut dst, packet } => {
                     received += packet.len() as u64;
                     if h.should_request_activity() {
                         deps.registrar.activity(h.clone());
@@ -154,8 +168,13 @@ async fn read_frames(
                         m.packets_routed.inc_by(routed);
                         m.bytes_received.inc_by(received);
                         (routed, received) = (0, 0);
-                        tokio::task::yield_now().await;
-                        routed_to = Some(match shared.clients.route(src, &dst, packet, disco) {
+                        // Boxed: whatever is live across this await is kept
+                        // in every reader task's state, idle ones included.
+                        let (back, r) =
+                            Box::pin(route_after_yield(&shared.clients, src, dst, packet, disco))
+                                .await;
+                        dst = back;
+                        routed_to = Some(match r {
                             Ok((id, head_drop)) => {
                                 if let Some(r) = head_drop {
                                     m.dropped(r).inc();
