@@ -96,6 +96,30 @@ pub struct Config {
     /// Bytes a client may send at once above `client_bytes_per_sec`; raised to
     /// at least 65 568 (one largest frame).
     pub client_burst_bytes: u64,
+    /// File holding the region's shared mesh key (64 hex digits, derper's format).
+    pub mesh_key_file: Option<PathBuf>,
+    /// The mesh key itself, for platforms that inject secrets as environment
+    /// variables (`DERP_RELAY_MESH_KEY`); `mesh_key_file` wins if both are set.
+    pub mesh_key: Option<String>,
+    /// Static mesh peers, derper's syntax: `host[:port][/dialhost],...`.
+    pub mesh_with: String,
+    /// Mesh peers = every A/AAAA record of this name (`NAME[:port]`), re-resolved
+    /// every `mesh_dns_interval`.
+    pub mesh_dns: Option<String>,
+    #[serde(with = "duration_text")]
+    pub mesh_dns_interval: Duration,
+    /// Dial mesh peers over https (verified) instead of http.
+    pub mesh_tls: bool,
+    /// With `mesh_tls`: accept any certificate (self-signed peers).
+    pub mesh_tls_insecure: bool,
+    /// Packets queued per mesh link before the oldest is dropped.
+    pub mesh_queue_depth: usize,
+    /// Longest wait between a failed mesh link's reconnect attempts.
+    #[serde(with = "duration_text")]
+    pub mesh_backoff_max: Duration,
+    /// Presence updates pending for one watching peer before it is cut off
+    /// (it reconnects and gets a fresh flood); 0 = no limit.
+    pub mesh_watch_max: usize,
     // ---- operator settings (issue 13): metrics address, log level, verify URL ----
     /// Serve Prometheus `/metrics` on this address (e.g. `0.0.0.0:9090`,
     /// `:9090`); unset = `metrics_port` on loopback.
@@ -152,6 +176,16 @@ impl Default for Config {
             stun_addr: ":3478".into(),
             client_bytes_per_sec: 0,
             client_burst_bytes: 0,
+            mesh_key_file: None,
+            mesh_key: None,
+            mesh_with: String::new(),
+            mesh_dns: None,
+            mesh_dns_interval: Duration::from_secs(15),
+            mesh_tls: false,
+            mesh_tls_insecure: false,
+            mesh_queue_depth: 4096,
+            mesh_backoff_max: Duration::from_secs(5),
+            mesh_watch_max: 200_000,
             metrics_addr: None,
             log_level: None,
             verify_client_url: None,
@@ -285,6 +319,46 @@ pub struct Flags {
     #[arg(long, value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_burst_bytes: Option<u64>,
+    /// Shared mesh key file, 64 hex digits (derper's --mesh-psk-file format).
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_key_file: Option<PathBuf>,
+    /// Mesh key as text (prefer DERP_RELAY_MESH_KEY or --mesh-key-file: flags show in `ps`).
+    #[arg(long, value_name = "HEX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_key: Option<String>,
+    /// Static mesh peers: `host[:port][/dialhost],...` (the node's own address may be listed).
+    #[arg(long, value_name = "PEERS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_with: Option<String>,
+    /// Mesh peers from DNS: every A/AAAA record of NAME[:port], re-resolved periodically.
+    #[arg(long, value_name = "NAME[:PORT]")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_dns: Option<String>,
+    /// How often --mesh-dns is re-resolved, e.g. `15s`.
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_dns_interval: Option<String>,
+    /// Dial mesh peers over https (certificate verified).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub mesh_tls: bool,
+    /// With --mesh-tls: do not verify the peers' certificates (self-signed).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub mesh_tls_insecure: bool,
+    /// Packets queued per mesh link before the oldest is dropped.
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_queue_depth: Option<usize>,
+    /// Cap on the wait between mesh link reconnect attempts, e.g. `5s`.
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_backoff_max: Option<String>,
+    /// Presence updates pending per watching peer before it is cut off (0 = no limit).
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_watch_max: Option<usize>,
     // ---- operator settings (issue 13) ----
     /// Serve Prometheus metrics on ADDR, e.g. `0.0.0.0:9090` (instead of --metrics-port's loopback).
     #[arg(long, value_name = "ADDR")]
@@ -434,6 +508,7 @@ impl Config {
         if self.queue_depth == 0 {
             return Err(ConfigError("queue_depth: must be at least 1".into()));
         }
+        self.mesh()?;
         for (name, d) in [
             ("ping_interval", self.ping_interval),
             ("write_timeout", self.write_timeout),
@@ -580,6 +655,85 @@ impl Config {
         }
     }
 
+    /// The mesh settings, checked: peers without a key (or a key without
+    /// peers) is an error naming the setting. `None` when no mesh is set up.
+    pub fn mesh(&self) -> Result<Option<MeshSettings>, ConfigError> {
+        let key = self.mesh_key_bytes()?;
+        let port = self.listen_addr()?.port();
+        let mut peers = Vec::new();
+        for entry in self
+            .mesh_with
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+        {
+            peers.push(
+                MeshPeerSpec::parse(entry, port)
+                    .map_err(|e| ConfigError(format!("mesh_with: {entry:?}: {e}")))?,
+            );
+        }
+        let dns = match self.mesh_dns.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(d) => Some(
+                parse_host_port(d, port)
+                    .map_err(|e| ConfigError(format!("mesh_dns: {d:?}: {e}")))?,
+            ),
+        };
+        let wanted = !peers.is_empty() || dns.is_some();
+        match (key, wanted) {
+            (None, false) => Ok(None),
+            (None, true) => Err(ConfigError(format!(
+                "{}: mesh peers need the shared mesh key: set mesh_key_file \
+                 (--mesh-key-file) or DERP_RELAY_MESH_KEY",
+                if dns.is_some() {
+                    "mesh_dns"
+                } else {
+                    "mesh_with"
+                }
+            ))),
+            (Some(key), _) => {
+                if self.mesh_queue_depth == 0 {
+                    return Err(ConfigError("mesh_queue_depth: must be at least 1".into()));
+                }
+                if dns.is_some() && self.mesh_dns_interval.is_zero() {
+                    return Err(ConfigError(
+                        "mesh_dns_interval: must be longer than 0s".into(),
+                    ));
+                }
+                if self.mesh_backoff_max.is_zero() {
+                    return Err(ConfigError(
+                        "mesh_backoff_max: must be longer than 0s".into(),
+                    ));
+                }
+                Ok(Some(MeshSettings { key, peers, dns }))
+            }
+        }
+    }
+
+    /// The mesh key from `mesh_key_file` or `mesh_key`: 64 hex digits,
+    /// surrounding whitespace ignored, either case (as derper reads it).
+    pub fn mesh_key_bytes(&self) -> Result<Option<[u8; 32]>, ConfigError> {
+        let (text, from) = match (&self.mesh_key_file, &self.mesh_key) {
+            (Some(p), _) => (
+                std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError(format!("mesh_key_file: {}: {e}", p.display())))?,
+                format!("mesh_key_file: {}", p.display()),
+            ),
+            (None, Some(k)) => (k.clone(), "mesh_key".to_owned()),
+            (None, None) => return Ok(None),
+        };
+        let t = text.trim();
+        let mut key = [0u8; 32];
+        if t.len() != 64 || hex::decode_to_slice(t, &mut key).is_err() {
+            return Err(ConfigError(format!(
+                "{from}: a mesh key is exactly 64 hex digits (got {} characters); \
+                 make one with `openssl rand -hex 32`",
+                t.len()
+            )));
+        }
+        Ok(Some(key))
+    }
+
     pub fn server_key_path(&self) -> PathBuf {
         self.data_dir.join("derp.key")
     }
@@ -589,6 +743,81 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.data_dir.join("tofu-bindings.json"))
     }
+}
+
+/// The checked mesh settings.
+#[derive(Clone)]
+pub struct MeshSettings {
+    pub key: [u8; 32],
+    pub peers: Vec<MeshPeerSpec>,
+    /// Name and port to resolve for peers.
+    pub dns: Option<(String, u16)>,
+}
+
+impl fmt::Debug for MeshSettings {
+    // Never print the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshSettings")
+            .field("peers", &self.peers)
+            .field("dns", &self.dns)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One `--mesh-with` entry: `host[:port][/dialhost]`. `host` names the peer
+/// (Host header, TLS name); `dial` is where the TCP connection goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MeshPeerSpec {
+    pub host: String,
+    pub port: u16,
+    pub dial: String,
+}
+
+impl MeshPeerSpec {
+    pub fn parse(entry: &str, default_port: u16) -> Result<Self, String> {
+        let (hostport, dial) = match entry.split_once('/') {
+            Some((h, d)) if !d.trim().is_empty() => (h, Some(d.trim())),
+            Some(_) => return Err("empty dial host after '/'".into()),
+            None => (entry, None),
+        };
+        let (host, port) = parse_host_port(hostport, default_port)?;
+        Ok(MeshPeerSpec {
+            dial: dial
+                .map(|d| d.trim_start_matches('[').trim_end_matches(']').to_owned())
+                .unwrap_or_else(|| host.clone()),
+            host,
+            port,
+        })
+    }
+}
+
+/// `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 literal.
+fn parse_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty host".into());
+    }
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok((ip.to_string(), default_port));
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip().to_string(), sa.port()));
+    }
+    if let Some(v6) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return Ok((v6.to_owned(), default_port));
+    }
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{p:?} is not a port number"))?,
+        ),
+        None => (s, default_port),
+    };
+    if host.is_empty() || host.contains([':', '/', ' ']) {
+        return Err("not a host name".into());
+    }
+    Ok((host.to_owned(), port))
 }
 
 /// Settings applied to the running relay when SIGHUP re-reads the config,
@@ -895,6 +1124,58 @@ mod tests {
             ..open()
         };
         assert!(!Config::load_from(&off, no_env()).unwrap().stun);
+    }
+
+    #[test]
+    fn mesh_settings_need_a_key_and_parse_derpers_syntax() {
+        let peers = Flags {
+            mesh_with: Some("derp-b.example.com,10.0.0.3:8443/10.0.0.3".into()),
+            ..open()
+        };
+        let e = Config::load_from(&peers, no_env()).unwrap_err().0;
+        assert!(
+            e.starts_with("mesh_with:") && e.contains("mesh_key_file"),
+            "{e}"
+        );
+        let dns = Flags {
+            mesh_dns: Some("mesh.internal".into()),
+            ..open()
+        };
+        let e = Config::load_from(&dns, no_env()).unwrap_err().0;
+        assert!(e.starts_with("mesh_dns:"), "{e}");
+        let bad_key = Flags {
+            mesh_key: Some("abc".into()),
+            ..peers.clone()
+        };
+        let e = Config::load_from(&bad_key, no_env()).unwrap_err().0;
+        assert!(e.starts_with("mesh_key:") && e.contains("64 hex"), "{e}");
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "  {}  ", "AB".repeat(32)).unwrap();
+        let ok = Flags {
+            mesh_key_file: Some(f.path().to_path_buf()),
+            ..peers
+        };
+        let m = Config::load_from(&ok, no_env())
+            .unwrap()
+            .mesh()
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.key, [0xab; 32], "whitespace trimmed, either case");
+        assert_eq!(
+            m.peers,
+            vec![
+                MeshPeerSpec {
+                    host: "derp-b.example.com".into(),
+                    port: 8443,
+                    dial: "derp-b.example.com".into()
+                },
+                MeshPeerSpec {
+                    host: "10.0.0.3".into(),
+                    port: 8443,
+                    dial: "10.0.0.3".into()
+                },
+            ]
+        );
     }
 
     #[test]

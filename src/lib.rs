@@ -9,13 +9,17 @@
 //! cache, `admit`) → `metrics`, `limits`, `memory` (returns freed heap) →
 //! `state` (what the running relay shares) → `conn` (one client,
 //! upgrade to close) → `actors` (control plane) and `http` (accept loop,
-//! routes) → `relay` (wires it all). `client` and `cli` are the outside tools.
+//! routes) → `relay` (wires it all). `client` (on `protocol` only) is the
+//! outside client, used by `cli`, the bench, and the mesh links in `actors`.
 //!
 //! A packet's path: `http::server` accepts, `http::upgrade` answers 101,
 //! `conn::accept` runs the bounded handshake and starts `conn::actor`, whose
 //! `conn::reader` decodes SendPacket and calls `routing::Clients::route`
 //! (a map read), which pushes onto the destination's `routing::SendQueue`;
 //! that connection's `conn::writer` drains the queue and writes the batch.
+//! A key connected to another relay of the region instead goes onto that mesh
+//! link's `routing::ForwardQueue`, which `actors::mesh::link` writes as
+//! ForwardPacket; a ForwardPacket received is delivered locally only.
 //! No actor sees the packet.
 
 pub mod actors;

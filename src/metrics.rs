@@ -9,7 +9,9 @@ use prometheus::{
     Registry,
 };
 
-pub use crate::reasons::{CloseReason, DropReason, RefuseReason, Transport, VerifyResult};
+pub use crate::reasons::{
+    CloseReason, DropReason, MeshPeerState, RefuseReason, Transport, VerifyResult,
+};
 use crate::reasons::{RELOAD_RESULTS, RESTARTABLE_ACTORS};
 
 /// What became of one datagram on the STUN socket.
@@ -54,8 +56,31 @@ impl StunCounters {
     }
 }
 
+/// The mesh's counters (links are counted by state; packets both ways).
+pub struct MeshMetrics {
+    peers: [IntGauge; MeshPeerState::ALL.len()],
+    /// ForwardPacket frames written to peers.
+    pub packets_out: IntCounter,
+    /// ForwardPacket frames received from peers and delivered here.
+    pub packets_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub bytes_in: IntCounter,
+    /// Keys learned from peers (a key announced by two peers counts once).
+    pub remote_keys: IntGauge,
+    pub reconnects: IntCounter,
+    /// Mesh peers watching this node (WatchConns).
+    pub watchers: IntGauge,
+}
+
+impl MeshMetrics {
+    pub fn peers(&self, s: MeshPeerState) -> &IntGauge {
+        &self.peers[s as usize]
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    pub mesh: MeshMetrics,
     pub stun: StunCounters,
     pub packets_routed: IntCounter,
     pub bytes_received: IntCounter,
@@ -166,6 +191,44 @@ impl Metrics {
             &["result"],
         );
         let stun = StunCounters(StunResult::ALL.map(|r| stun.with_label_values(&[r.as_str()])));
+        let mesh_peers = IntGaugeVec::new(
+            Opts::new(
+                "derp_mesh_peers",
+                "Mesh links to other relays of the region, by state.",
+            ),
+            &["state"],
+        )
+        .unwrap_or_else(|e| panic!("metric derp_mesh_peers: {e}"));
+        reg(Box::new(mesh_peers.clone()));
+        let fwd_packets = counter_vec(
+            "derp_mesh_forwarded_packets_total",
+            "Packets forwarded between mesh peers, by direction (out: to a peer; in: from one).",
+            &["direction"],
+        );
+        let fwd_bytes = counter_vec(
+            "derp_mesh_forwarded_bytes_total",
+            "Packet payload bytes forwarded between mesh peers, by direction.",
+            &["direction"],
+        );
+        let mesh = MeshMetrics {
+            peers: MeshPeerState::ALL.map(|s| mesh_peers.with_label_values(&[s.as_str()])),
+            packets_out: fwd_packets.with_label_values(&["out"]),
+            packets_in: fwd_packets.with_label_values(&["in"]),
+            bytes_out: fwd_bytes.with_label_values(&["out"]),
+            bytes_in: fwd_bytes.with_label_values(&["in"]),
+            remote_keys: gauge(
+                "derp_mesh_remote_keys",
+                "Client keys reachable through mesh peers.",
+            ),
+            reconnects: counter(
+                "derp_mesh_link_reconnects_total",
+                "Mesh link connection attempts after the first, over all peers.",
+            ),
+            watchers: gauge(
+                "derp_mesh_watchers",
+                "Mesh peers subscribed to this node's presence updates.",
+            ),
+        };
         // Every known label value exists from the start, at 0: a dashboard
         // panel or an alert on a fresh relay then matches a series instead of
         // nothing (`rate()` of a missing series is no data, not 0).
@@ -209,6 +272,7 @@ impl Metrics {
         );
         let verify_checks = VerifyResult::ALL.map(|r| verify.with_label_values(&[r.as_str()]));
         Metrics {
+            mesh,
             stun,
             packets_routed: counter(
                 "derp_packets_routed_total",

@@ -19,15 +19,23 @@ pub enum DropReason {
     WriteError,
     /// The packet was over the 64 KiB limit (the sender is disconnected).
     TooLarge,
+    /// The destination is on another node and that mesh link's queue was
+    /// full (its oldest packet made room), or the link went down with it queued.
+    MeshQueue,
+    /// A ForwardPacket from a mesh peer named a key not connected here
+    /// (never forwarded again: one hop).
+    UnknownDestOnFwd,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::UnknownDest,
         DropReason::GoneDisconnected,
         DropReason::QueueHead,
         DropReason::WriteError,
         DropReason::TooLarge,
+        DropReason::MeshQueue,
+        DropReason::UnknownDestOnFwd,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -37,6 +45,8 @@ impl DropReason {
             DropReason::QueueHead => "queue_head",
             DropReason::WriteError => "write_error",
             DropReason::TooLarge => "too_large",
+            DropReason::MeshQueue => "mesh_queue",
+            DropReason::UnknownDestOnFwd => "unknown_dest_on_fwd",
         }
     }
 }
@@ -61,6 +71,9 @@ pub enum RefuseReason {
     PendingLimit,
     /// The process ran out of file descriptors (answered 503 from a spare one).
     Descriptors,
+    /// ClientInfo carried a well-formed mesh key that is not this region's
+    /// (a misconfigured peer, or a guess).
+    MeshKey,
     /// `--verify-client-url` answered `{"Allow":false}`.
     VerifyDenied,
     /// `--verify-client-url` could not be asked (down, slow, malformed
@@ -69,7 +82,7 @@ pub enum RefuseReason {
 }
 
 impl RefuseReason {
-    pub const ALL: [RefuseReason; 10] = [
+    pub const ALL: [RefuseReason; 11] = [
         RefuseReason::BadHandshake,
         RefuseReason::Cap,
         RefuseReason::Acl,
@@ -80,6 +93,7 @@ impl RefuseReason {
         RefuseReason::Descriptors,
         RefuseReason::VerifyDenied,
         RefuseReason::VerifyUnavailable,
+        RefuseReason::MeshKey,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -92,9 +106,48 @@ impl RefuseReason {
             RefuseReason::ShuttingDown => "shutting_down",
             RefuseReason::PendingLimit => "pending_limit",
             RefuseReason::Descriptors => "descriptors",
+            RefuseReason::MeshKey => "mesh_key",
             RefuseReason::VerifyDenied => "verify_denied",
             RefuseReason::VerifyUnavailable => "verify_unavailable",
         }
+    }
+}
+
+/// Mesh link states, the `state` label of `derp_mesh_peers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshPeerState {
+    /// Dialling or in the handshake.
+    Connecting,
+    /// Handshaken and watching: packets for its keys go out on it.
+    Connected,
+    /// Down, waiting before the next attempt.
+    Backoff,
+    /// The address turned out to be this node; the link is stopped.
+    Myself,
+}
+
+impl MeshPeerState {
+    pub const ALL: [MeshPeerState; 4] = [
+        MeshPeerState::Connecting,
+        MeshPeerState::Connected,
+        MeshPeerState::Backoff,
+        MeshPeerState::Myself,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MeshPeerState::Connecting => "connecting",
+            MeshPeerState::Connected => "connected",
+            MeshPeerState::Backoff => "backoff",
+            MeshPeerState::Myself => "self",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Self {
+        Self::ALL
+            .get(v as usize)
+            .copied()
+            .unwrap_or(MeshPeerState::Connecting)
     }
 }
 
@@ -147,10 +200,15 @@ pub enum CloseReason {
     /// A panic in this connection's reader, writer or actor (a bug; counted
     /// so it is seen, and it costs only this connection).
     Panic,
+    /// A mesh peer asked for this key's connections to be closed (ClosePeer).
+    ClosePeer,
+    /// A watching mesh peer fell `mesh_watch_max` presence updates behind;
+    /// it reconnects and gets a fresh flood.
+    MeshWatchOverflow,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::Eof,
         CloseReason::ReadError,
         CloseReason::WriteError,
@@ -163,6 +221,8 @@ impl CloseReason {
         CloseReason::VerifyDenied,
         CloseReason::GoingAway,
         CloseReason::Panic,
+        CloseReason::ClosePeer,
+        CloseReason::MeshWatchOverflow,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -179,6 +239,8 @@ impl CloseReason {
             CloseReason::VerifyDenied => "verify_denied",
             CloseReason::GoingAway => "going_away",
             CloseReason::Panic => "panic",
+            CloseReason::ClosePeer => "close_peer",
+            CloseReason::MeshWatchOverflow => "mesh_watch_overflow",
         }
     }
 }
@@ -227,7 +289,8 @@ impl VerifyResult {
 /// The long-lived actors the supervisor restarts: the `actor` label of
 /// `derp_actor_restarts_total`. Listed here so every series exists from the
 /// start; the supervisor names its children with these strings.
-pub const RESTARTABLE_ACTORS: [&str; 4] = ["metrics", "tofu", "acl", "registry"];
+pub const RESTARTABLE_ACTORS: [&str; 6] =
+    ["metrics", "tofu", "acl", "registry", "mesh", "mesh_link"];
 
 /// Results of an allowed-keys reload (`derp_acl_reloads_total{result}`) and
 /// of a config reload on SIGHUP (`derp_config_reloads_total{result}`).

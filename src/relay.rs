@@ -13,7 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::actors::Actors;
-use crate::actors::supervisor::{RootArgs, RootMsg, RootSupervisor};
+use crate::actors::mesh::{Resolver, SystemResolver};
+use crate::actors::supervisor::{MeshSetup, RootArgs, RootMsg, RootSupervisor};
 use crate::actors::tofu::TofuMsg;
 use crate::admission::allowed_keys::AllowedKeys;
 use crate::admission::bindings::{self, Bindings};
@@ -58,9 +59,19 @@ pub struct ReloadReport {
 
 impl Relay {
     /// Validates, starts the supervisor tree, then binds and serves.
-    pub async fn start(mut config: Config) -> Result<Relay, String> {
+    pub async fn start(config: Config) -> Result<Relay, String> {
+        Self::start_with(config, Arc::new(SystemResolver)).await
+    }
+
+    /// [`start`](Self::start) with `--mesh-dns` answered by `resolver`
+    /// (tests stand in for DNS; production uses the system resolver).
+    pub async fn start_with(
+        mut config: Config,
+        resolver: Arc<dyn Resolver>,
+    ) -> Result<Relay, String> {
         // As the operator wrote it, before any fitting: what a reload compares with.
         let loaded = config.clone();
+        let mesh = config.mesh().map_err(|e| e.0)?;
         crate::limits::fit_clients_to_descriptors(&mut config);
         let listen = config.listen_addr().map_err(|e| e.0)?;
         let acl = match &config.allowed_keys_file {
@@ -78,7 +89,12 @@ impl Relay {
         let bindings = Bindings::load(&bpath)?;
         let secret = load_or_create_key(&config.server_key_path())?;
         let verify = Arc::new(crate::edge::verify_url::HttpVerify::new());
-        let shared = Arc::new(Shared::new(config, secret, acl, bindings, verify));
+        let mut shared = Shared::new(config, secret, acl, bindings, verify);
+        shared.mesh_key = mesh.as_ref().map(|m| m.key);
+        let shared = Arc::new(shared);
+        let mesh = mesh
+            .filter(|m| !m.peers.is_empty() || m.dns.is_some())
+            .map(|settings| MeshSetup { settings, resolver });
         let actors = Arc::new(Actors::default());
         let client_rate = Arc::new(ClientRate::new(
             shared.config.client_bytes_per_sec,
@@ -100,6 +116,7 @@ impl Relay {
                 shared: shared.clone(),
                 actors: actors.clone(),
                 fatal: fatal_tx,
+                mesh,
             },
         )
         .await

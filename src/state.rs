@@ -30,6 +30,8 @@ pub struct Shared {
     /// When the last "no usable answer" warning was logged (`now_ms`).
     verify_warned_ms: AtomicU64,
     pub secret: ServerSecret,
+    /// The region's shared mesh key, when this node is part of a mesh.
+    pub mesh_key: Option<[u8; 32]>,
     pub metrics: Arc<Metrics>,
     pub clients: Arc<Clients>,
     /// Set once when a graceful stop begins: refuse new clients, /healthz says draining.
@@ -80,6 +82,7 @@ impl Shared {
             verify_warned_ms: AtomicU64::new(0),
             config,
             secret,
+            mesh_key: None,
             metrics: Arc::new(metrics),
             clients: Arc::new(Clients::default()),
             draining: Arc::new(AtomicBool::new(false)),

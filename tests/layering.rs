@@ -41,6 +41,7 @@ const RULES: &[(&str, &[&str])] = &[
     (
         "actors",
         &[
+            "client",
             "conn",
             "state",
             "routing",

@@ -1,8 +1,9 @@
 //! The control plane: the long-lived ractor actors under the root
-//! supervisor (registry, ACL, TOFU, metrics) and where to find them. Actors
+//! supervisor (registry, ACL, TOFU, metrics, mesh) and where to find them. Actors
 //! carry control messages only, never packets (DESIGN.md §2.1).
 
 pub mod acl;
+pub mod mesh;
 pub mod metrics;
 pub mod registry;
 pub mod supervisor;
@@ -17,6 +18,7 @@ use crate::admission::UrlVerdict;
 use crate::conn::{Registered, Registrar};
 use crate::routing::ClientHandle;
 use acl::AclMsg;
+use mesh::MeshMsg;
 use metrics::MetricsMsg;
 use registry::RegistryMsg;
 use tofu::TofuMsg;
@@ -48,6 +50,7 @@ pub struct Actors {
     pub tofu: ActorSlot<TofuMsg>,
     pub acl: ActorSlot<AclMsg>,
     pub metrics: ActorSlot<MetricsMsg>,
+    pub mesh: ActorSlot<MeshMsg>,
 }
 
 /// Connections register through the registry actor, its single writer.
@@ -69,6 +72,12 @@ impl Registrar for Actors {
     fn activity(&self, h: Arc<ClientHandle>) {
         if let Some(reg) = self.registry.get() {
             let _ = reg.cast(RegistryMsg::Activity(h));
+        }
+    }
+
+    fn watch(&self, h: Arc<ClientHandle>) {
+        if let Some(reg) = self.registry.get() {
+            let _ = reg.cast(RegistryMsg::Watch(h));
         }
     }
 }

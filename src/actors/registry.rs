@@ -21,7 +21,7 @@ use crate::admission::UrlVerdict;
 use crate::metrics::Metrics;
 use crate::protocol::{PeerGoneReason, PublicKey};
 use crate::reasons::{CloseReason, DropReason, RefuseReason};
-use crate::routing::{ClientHandle, Clients, Control};
+use crate::routing::{ClientHandle, Clients, Control, Presence};
 use crate::state::Shared;
 
 /// Control messages for the registry. Never one per packet.
@@ -39,6 +39,9 @@ pub enum RegistryMsg {
     Activity(Arc<ClientHandle>),
     /// Disconnect these keys (e.g. removed from the ACL).
     Evict(Vec<PublicKey>, CloseReason),
+    /// A mesh peer sent WatchConns: flood it with every local key, then keep
+    /// it told.
+    Watch(Arc<ClientHandle>),
     /// Time to send every client a KeepAlive.
     KeepAliveTick,
     /// Time to close clients whose socket write has been blocked past the
@@ -103,14 +106,23 @@ impl Actor for RegistryActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             RegistryMsg::Register(h, url, reply) => {
-                let label = match st.shared.admit(&h.key, url) {
+                // Mesh peers proved the region's key: no ACL, no TOFU, no
+                // verify URL.
+                let label = match h.is_mesh_peer() {
+                    true if st.shared.is_draining() => Err(RefuseReason::ShuttingDown),
+                    true => Ok(None),
+                    false => st.shared.admit(&h.key, url),
+                };
+                let label = match label {
                     Ok(l) => l,
                     Err(r) => {
                         let _ = reply.send(Err(r));
                         return Ok(());
                     }
                 };
-                if let Some(t) = st.actors.tofu.get() {
+                if !h.is_mesh_peer()
+                    && let Some(t) = st.actors.tofu.get()
+                {
                     let _ = t.cast(TofuMsg::Seen {
                         key: h.key,
                         label,
@@ -123,12 +135,39 @@ impl Actor for RegistryActor {
                     tracing::info!(target: "derp_relay::core", key = %h.key, conn = h.conn_id, "duplicate connection for key; newest is active");
                 }
                 let _ = reply.send(Ok(()));
+                // Every new connection is announced, duplicates too (as derper).
+                let behind = st.clients.tell_watchers(
+                    h.key,
+                    Presence::Present {
+                        addr: h.remote,
+                        flags: h.presence_flags(),
+                    },
+                );
+                close_behind(behind);
+            }
+            RegistryMsg::Watch(h) => {
+                if h.key == st.shared.secret.public() {
+                    // A node meshing with itself: nothing to tell.
+                    return Ok(());
+                }
+                if h.is_closed() || !h.start_watching(st.shared.config.mesh_watch_max) {
+                    return Ok(());
+                }
+                st.metrics.mesh.watchers.inc();
+                tracing::info!(target: "derp_relay::mesh", peer = %h.key, remote = %h.remote, keys = st.clients.keys(), "mesh peer watching; sending the flood");
+                if !st.clients.add_watcher(h.clone()) {
+                    close_behind(vec![h]);
+                }
             }
             RegistryMsg::Deregister(h) => deregister(st, &h),
             RegistryMsg::Activity(h) => st.clients.activate(&h),
             RegistryMsg::Evict(keys, why) => {
                 for k in keys {
                     for h in st.clients.connections_of(&k) {
+                        // Mesh peers are admitted by the mesh key, not the ACL.
+                        if why == CloseReason::AclRemoved && h.is_mesh_peer() {
+                            continue;
+                        }
                         h.close(why);
                     }
                 }
@@ -137,6 +176,13 @@ impl Actor for RegistryActor {
                 let now = st.shared.now_ms();
                 let limit = st.shared.config.write_timeout.as_millis() as u64;
                 st.clients.for_each(|h| {
+                    // Peers get derper's 30 s: a flood is large, and cutting
+                    // a link costs the whole region a re-flood.
+                    let limit = if h.is_mesh_peer() {
+                        limit.max(MESH_WRITE_TIMEOUT_MS)
+                    } else {
+                        limit
+                    };
                     if h.write_blocked_for(now).is_some_and(|t| t > limit) {
                         h.end_write(); // close once, not every tick
                         let lost = h.write_packets.swap(0, Ordering::Relaxed);
@@ -156,8 +202,19 @@ impl Actor for RegistryActor {
     }
 }
 
+/// Write timeout floor for mesh peers (derper uses 30 s for them).
+const MESH_WRITE_TIMEOUT_MS: u64 = 30_000;
+
+/// Watchers too far behind to catch up: they reconnect and get a new flood.
+fn close_behind(behind: Vec<Arc<ClientHandle>>) {
+    for w in behind {
+        tracing::warn!(target: "derp_relay::mesh", peer = %w.key, "mesh watcher fell too far behind; closing it");
+        w.close(CloseReason::MeshWatchOverflow);
+    }
+}
+
 fn deregister(st: &RegistryState, h: &Arc<ClientHandle>) {
-    let sent_to = h.take_sent_to();
+    let mut sent_to = h.take_sent_to();
     let before = st.clients.len();
     let key_gone = st.clients.remove(h);
     if st.clients.len() == before {
@@ -167,7 +224,15 @@ fn deregister(st: &RegistryState, h: &Arc<ClientHandle>) {
     if h.set_preferred(false) {
         st.metrics.clients_home.dec();
     }
+    if st.clients.remove_watcher(h.conn_id) {
+        st.metrics.mesh.watchers.dec();
+    }
     if !key_gone {
+        return;
+    }
+    close_behind(st.clients.tell_watchers(h.key, Presence::Gone));
+    // Still connected to another node: its receivers hear when it leaves there.
+    if st.clients.remote.adopt_receivers(&h.key, &mut sent_to) {
         return;
     }
     // Tell everyone this client delivered packets to that it is gone, so they

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use super::Actors;
 use super::acl::AclActor;
+use super::mesh::{MeshActor, MeshArgs, Resolver};
 use super::metrics::MetricsActor;
 use super::registry::RegistryActor;
 use super::tofu::TofuActor;
@@ -34,6 +35,7 @@ pub enum Child {
     Tofu,
     Acl,
     Registry,
+    Mesh,
 }
 
 impl Child {
@@ -43,6 +45,7 @@ impl Child {
             Child::Tofu => "tofu",
             Child::Acl => "acl",
             Child::Registry => "registry",
+            Child::Mesh => "mesh",
         }
     }
 }
@@ -65,12 +68,22 @@ pub struct RootArgs {
     pub actors: Arc<Actors>,
     /// Set when the restart budget is spent; `main` exits on it.
     pub fatal: watch::Sender<Option<String>>,
+    /// The mesh, when this node has peers to link to.
+    pub mesh: Option<MeshSetup>,
+}
+
+/// What the mesh actor is started (and restarted) with.
+#[derive(Clone)]
+pub struct MeshSetup {
+    pub settings: crate::config::MeshSettings,
+    pub resolver: Arc<dyn Resolver>,
 }
 
 pub struct RootState {
     shared: Arc<Shared>,
     actors: Arc<Actors>,
     fatal: watch::Sender<Option<String>>,
+    mesh: Option<MeshSetup>,
     children: HashMap<ActorId, Child>,
     restarts: VecDeque<Instant>,
 }
@@ -78,10 +91,24 @@ pub struct RootState {
 async fn spawn_child(
     shared: &Arc<Shared>,
     actors: &Arc<Actors>,
+    mesh: Option<&MeshSetup>,
     which: Child,
     root: ActorCell,
 ) -> Result<Option<ActorId>, ActorProcessingErr> {
     Ok(match which {
+        Child::Mesh => match mesh {
+            Some(m) => {
+                let args = MeshArgs {
+                    shared: shared.clone(),
+                    settings: m.settings.clone(),
+                    resolver: m.resolver.clone(),
+                };
+                let (r, _) = Actor::spawn_linked(None, MeshActor, args, root).await?;
+                actors.mesh.set(Some(r.clone()));
+                Some(r.get_id())
+            }
+            None => None,
+        },
         Child::Registry => {
             let (r, _) =
                 Actor::spawn_linked(None, RegistryActor, (shared.clone(), actors.clone()), root)
@@ -123,8 +150,22 @@ impl Actor for RootSupervisor {
         a: RootArgs,
     ) -> Result<RootState, ActorProcessingErr> {
         let mut children = HashMap::new();
-        for which in [Child::Metrics, Child::Tofu, Child::Acl, Child::Registry] {
-            if let Some(id) = spawn_child(&a.shared, &a.actors, which, myself.get_cell()).await? {
+        for which in [
+            Child::Metrics,
+            Child::Tofu,
+            Child::Acl,
+            Child::Registry,
+            Child::Mesh,
+        ] {
+            if let Some(id) = spawn_child(
+                &a.shared,
+                &a.actors,
+                a.mesh.as_ref(),
+                which,
+                myself.get_cell(),
+            )
+            .await?
+            {
                 children.insert(id, which);
             }
         }
@@ -132,6 +173,7 @@ impl Actor for RootSupervisor {
             shared: a.shared,
             actors: a.actors,
             fatal: a.fatal,
+            mesh: a.mesh,
             children,
             restarts: VecDeque::new(),
         })
@@ -148,7 +190,15 @@ impl Actor for RootSupervisor {
                 if st.shared.is_draining() {
                     return Ok(());
                 }
-                match spawn_child(&st.shared, &st.actors, which, myself.get_cell()).await {
+                match spawn_child(
+                    &st.shared,
+                    &st.actors,
+                    st.mesh.as_ref(),
+                    which,
+                    myself.get_cell(),
+                )
+                .await
+                {
                     Ok(Some(id)) => {
                         st.children.insert(id, which);
                     }

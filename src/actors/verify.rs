@@ -63,8 +63,8 @@ pub async fn recheck_once(shared: &Arc<Shared>, actors: &Actors) -> usize {
     let mut seen = HashSet::new();
     let mut todo = Vec::new();
     shared.clients.for_each(|h| {
-        // MESH HOOK: skip mesh peers here (they are never asked).
-        if seen.insert(h.key) {
+        // Mesh peers are admitted by the mesh key and never asked.
+        if !h.is_mesh_peer() && seen.insert(h.key) {
             todo.push((h.key, h.remote.ip()));
         }
     });

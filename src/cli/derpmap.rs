@@ -232,8 +232,15 @@ fn notes(map: &DerpMap) -> Vec<String> {
         if derp_nodes > 1 {
             notes.push(format!(
                 "region {} has {derp_nodes} DERP nodes: they must all mesh with each other, \
-                 or clients homed on different nodes cannot reach each other",
-                r.region_id
+                 or clients homed on different nodes cannot reach each other; run each \
+                 derp-relay with the same mesh key and --mesh-with {} (or --mesh-dns)",
+                r.region_id,
+                r.nodes
+                    .iter()
+                    .filter(|n| !n.stun_only)
+                    .map(|n| n.host_name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
             ));
         }
         for n in &r.nodes {

@@ -71,6 +71,71 @@ pub fn tls_config(extra_roots: &[CertificateDer<'static>]) -> Result<Arc<ClientC
     Ok(Arc::new(config))
 }
 
+/// TLS client settings that accept any certificate: for mesh peers with
+/// self-signed certificates (`--mesh-tls-insecure`), where the mesh key, not
+/// the certificate, is what proves a peer.
+pub fn tls_config_insecure() -> Result<Arc<ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts every certificate, but still checks the handshake signatures (so
+/// the session is with whoever holds the certificate's key).
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Reads every certificate in a PEM file (for `--ca-file`).
 pub fn load_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
@@ -201,7 +266,19 @@ pub async fn connect_stream(
     tls: bool,
     opts: &ConnectOptions,
 ) -> Result<Conn, ClientError> {
-    let tcp = connect_tcp(host, port, opts).await?;
+    connect_stream_via(host, host, port, tls, opts).await
+}
+
+/// [`connect_stream`] with the TCP connection going to `dial` while TLS
+/// names `host` (derper's `host/dialhost` mesh entries).
+pub async fn connect_stream_via(
+    dial: &str,
+    host: &str,
+    port: u16,
+    tls: bool,
+    opts: &ConnectOptions,
+) -> Result<Conn, ClientError> {
+    let tcp = connect_tcp(dial, port, opts).await?;
     if !tls {
         return Ok(Conn::Plain(tcp));
     }

@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use super::error::{ClientError, ws_io_error};
 use super::frames::{FrameReader, FrameWriter, ReadSide, WriteSide};
-use super::net::{Conn, ConnectOptions, connect_stream};
+use super::net::{Conn, ConnectOptions, connect_stream_via};
 use super::url::RelayUrl;
 
 /// Response headers longer than this are not from a relay.
@@ -133,7 +133,17 @@ pub async fn open(
     url: &RelayUrl,
     opts: &ConnectOptions,
 ) -> Result<(FrameReader, FrameWriter), ClientError> {
-    let conn = connect_stream(&url.host, url.port, url.tls, opts).await?;
+    open_via(url, &url.host, opts).await
+}
+
+/// [`open`], with the TCP connection going to `dial` rather than the URL's
+/// host (which still names the relay in `Host` and TLS).
+pub async fn open_via(
+    url: &RelayUrl,
+    dial: &str,
+    opts: &ConnectOptions,
+) -> Result<(FrameReader, FrameWriter), ClientError> {
+    let conn = connect_stream_via(dial, &url.host, url.port, url.tls, opts).await?;
     if url.websocket {
         websocket_upgrade(conn, url).await
     } else {

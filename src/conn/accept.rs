@@ -43,7 +43,7 @@ pub async fn accept(
     deps: Arc<ConnDeps>,
     remote: SocketAddr,
     transport: Transport,
-    slot: ClientSlot,
+    slot: Option<ClientSlot>,
     pending: impl Send,
 ) {
     let shared = deps.state.clone();
@@ -69,14 +69,16 @@ pub async fn accept(
             return;
         }
     };
-    // MESH HOOK: a mesh peer (its ClientInfo carries the relay's mesh key)
-    // is trusted before every admission check and never asked about: skip
-    // this call for it (NotAsked) and have the registry skip `admit` for it
-    // (with a URL set, `admit` refuses NotAsked); mark its handle so the
-    // re-check in actors/verify.rs skips it too.
-    let url = match shared.verify_client(&key, remote.ip()).await {
-        None => UrlVerdict::NotAsked,
-        Some(c) => c.verdict,
+    // A mesh peer (its ClientInfo carries the region's mesh key) is trusted
+    // before every admission check and never asked about; the registry
+    // skips `admit` for it and the re-check skips its handle.
+    let url = if info.is_mesh_peer(shared.mesh_key.as_ref()) {
+        UrlVerdict::NotAsked
+    } else {
+        match shared.verify_client(&key, remote.ip()).await {
+            None => UrlVerdict::NotAsked,
+            Some(c) => c.verdict,
+        }
     };
     let sealed = session.seal(&server_info_json(None));
     let mut server_info = BytesMut::new();

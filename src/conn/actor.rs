@@ -36,7 +36,7 @@ pub struct ConnArgs {
     pub(super) writer: ConnWriter,
     pub(super) read_buf: BytesMut,
     pub(super) server_info: BytesMut,
-    pub(super) slot: ClientSlot,
+    pub(super) slot: Option<ClientSlot>,
     /// The verify URL's verdict, asked before the actor started.
     pub(super) url: UrlVerdict,
 }
@@ -46,7 +46,7 @@ pub struct ConnState {
     deps: Arc<ConnDeps>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
-    _slot: ClientSlot,
+    _slot: Option<ClientSlot>,
 }
 
 impl Drop for ConnState {
@@ -90,7 +90,23 @@ impl Actor for ConnectionActor {
                 let _ = me.cast(ConnMsg::Close(why));
             }),
         ));
-        if let Err(reason) = deps.registrar.register(handle.clone(), a.url).await? {
+        let mesh_key = shared.mesh_key.as_ref();
+        let mesh_peer = a.info.is_mesh_peer(mesh_key);
+        handle.set_role(mesh_peer, a.info.is_prober);
+        let verdict = if !mesh_peer && a.slot.is_none() {
+            // Let past the client cap for being a peer's address, but no peer.
+            Err(crate::reasons::RefuseReason::Cap)
+        } else if !mesh_peer && a.info.presents_mesh_key() {
+            // A well-formed key that is not ours: a misconfigured peer (or a
+            // guess). Refused, so it shows up instead of half-working.
+            Err(crate::reasons::RefuseReason::MeshKey)
+        } else {
+            deps.registrar.register(handle.clone(), a.url).await?
+        };
+        if mesh_peer {
+            tracing::info!(target: "derp_relay::mesh", peer = %a.key, remote = %a.remote, "mesh peer connected");
+        }
+        if let Err(reason) = verdict {
             shared.metrics.refused(reason);
             tracing::info!(target: "derp_relay::admission", key = %a.key, remote = %a.remote, reason = reason.as_str(), "client refused");
             a.writer.refuse(reason.as_str()).await;

@@ -10,6 +10,7 @@
 
 pub mod accept;
 pub mod actor;
+pub mod mesh;
 pub mod pace;
 pub mod preauth;
 pub mod read_ahead;
@@ -46,6 +47,8 @@ pub trait Registrar: Send + Sync {
     fn deregister(&self, h: Arc<ClientHandle>);
     /// An inactive duplicate sent a packet (last writer becomes active).
     fn activity(&self, h: Arc<ClientHandle>);
+    /// A mesh peer sent WatchConns.
+    fn watch(&self, h: Arc<ClientHandle>);
 }
 
 /// What every connection uses.

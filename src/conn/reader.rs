@@ -123,6 +123,7 @@ async fn read_frames(
     // Writers this read's packets went to, woken once when the read's
     // frames are all routed rather than once per packet.
     let mut wakes = Wakes::default();
+    let mut mesh_in = super::mesh::MeshIn::default();
     loop {
         loop {
             let f = match frame::decode_frame(buf, frame::client_frame_limit) {
@@ -153,13 +154,26 @@ async fn read_frames(
                     }
                     let disco = frame::is_disco(&packet);
                     let src = h.key;
-                    let mut routed_to = shared.clients.with_active(&dst, |d| {
-                        let r = d.queue.try_push_packet(src, packet, disco);
+                    let mut routed_to = match shared.clients.with_active(&dst, packet, |d, p| {
+                        let r = d.queue.try_push_packet(src, p, disco);
                         if !matches!(r, Err((DropReason::GoneDisconnected, _))) {
                             wakes.add(d);
                         }
                         (d.conn_id, r)
-                    });
+                    }) {
+                        Ok(r) => Some(r),
+                        // Not a local key: the table's own route forwards to
+                        // a mesh peer that has it, or reports unknown_dest.
+                        Err(packet) => Some(match shared.clients.route(src, &dst, packet, disco) {
+                            Ok((id, head_drop)) => {
+                                if let Some(r) = head_drop {
+                                    m.dropped(r).inc();
+                                }
+                                (id, Ok(()))
+                            }
+                            Err(r) => (0, Err((r, bytes::Bytes::new()))),
+                        }),
+                    };
                     if let Some((_, Err((DropReason::QueueHead, packet)))) = routed_to {
                         // Full: let its writer drain what this read queued
                         // (it waits in this worker's run queue) before
@@ -218,12 +232,13 @@ async fn read_frames(
                     }
                 }
                 ClientFrame::Pong(_) | ClientFrame::Unknown(_) => {}
-                // Mesh frames from a client that did not present the mesh key.
-                ClientFrame::WatchConns
+                // Mesh peers only; anyone else is closed (see conn::mesh).
+                f @ (ClientFrame::WatchConns
                 | ClientFrame::ClosePeer(_)
-                | ClientFrame::ForwardPacket { .. } => {
-                    tracing::info!(target: "derp_relay::core", key = %h.key, "mesh frame from a non-mesh client");
-                    return CloseReason::MeshFrameFromClient;
+                | ClientFrame::ForwardPacket { .. }) => {
+                    if let Err(why) = super::mesh::handle(f, h, deps, &mut mesh_in) {
+                        return why;
+                    }
                 }
             }
         }
@@ -256,6 +271,7 @@ async fn read_frames(
             Ok(0) => return CloseReason::Eof,
             Ok(n) => {
                 if deps.rate_limited
+                    && !h.is_mesh_peer()
                     && let Some(limit) = deps.client_rate.get()
                 {
                     let wait = bucket.charge(n as u64, limit, Instant::now());

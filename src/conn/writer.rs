@@ -60,6 +60,8 @@ async fn write_frames(
                     frame::encode_keepalive(out);
                     ping = true;
                 }
+                // Drained below, whether or not this marker survived.
+                Control::MeshUpdates => {}
                 Control::Abort(why) => {
                     h.begin_write(shared.now_ms(), 0);
                     wr.abort(why).await;
@@ -67,6 +69,9 @@ async fn write_frames(
                     return why;
                 }
             }
+        }
+        if let Some(w) = h.watch() {
+            super::mesh::encode_updates(w, out);
         }
         let packets = batch.packet_count() as u64;
         let mut bytes = 0u64;

@@ -158,6 +158,7 @@ fn healthz(shared: Arc<Shared>, auth: Option<String>) -> Response {
         "rss_bytes": rss_bytes(),
         "acl": acl,
         "tofu_bindings": tofu_bindings,
+        "mesh": mesh_detail(&shared),
         // Not the URL itself: it may carry a secret in its query.
         "verify_client": live.verify.as_ref().map(|v| serde_json::json!({
             "fail_open": v.fail_open,
@@ -171,6 +172,33 @@ fn healthz(shared: Arc<Shared>, auth: Option<String>) -> Response {
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+/// Each mesh link with its state, or null when this node is not meshed.
+fn mesh_detail(shared: &Shared) -> serde_json::Value {
+    if shared.mesh_key.is_none() {
+        return serde_json::Value::Null;
+    }
+    let remote = &shared.clients.remote;
+    let peers: Vec<_> = remote
+        .links()
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "peer": l.name,
+                "dial": l.dial,
+                "state": l.state().as_str(),
+                "peer_key": l.peer_key().map(|k| k.to_nodekey_hex()),
+                "keys": l.key_count(),
+                "sessions": l.sessions.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "peers": peers,
+        "remote_keys": remote.len(),
+        "watchers": shared.clients.watcher_count(),
+    })
 }
 
 /// Resident memory of this process, from /proc (Linux).

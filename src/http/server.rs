@@ -124,7 +124,13 @@ pub async fn serve(listener: TcpListener, deps: Arc<ConnDeps>, mut stop: watch::
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     let ip = gate.source.client_ip(peer.ip(), req.headers());
-                    let limited = limit.check(bucket(ip, v6_prefix)).err();
+                    // Mesh peers reconnect on their own backoff; a region's
+                    // links must not be rate limited into a partition.
+                    let limited = if shared.clients.remote.is_peer_ip(&ip) {
+                        None
+                    } else {
+                        limit.check(bucket(ip, v6_prefix)).err()
+                    };
                     if limited.is_some() {
                         shared.metrics.refused(RefuseReason::RateLimit);
                     }

@@ -111,12 +111,19 @@ pub fn handle(
             }
         },
     };
-    let Some(slot) = shared.try_client_slot() else {
-        shared.metrics.refused(RefuseReason::Cap);
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "relay is at its client limit\n",
-        );
+    // A mesh peer's link is not a client: from a peer's address it passes a
+    // full relay without a slot, and the handshake must then prove the mesh
+    // key (anyone else is refused there, as `cap`).
+    let slot = match shared.try_client_slot() {
+        Some(s) => Some(s),
+        None if shared.clients.remote.is_peer_ip(&remote.ip()) => None,
+        None => {
+            shared.metrics.refused(RefuseReason::Cap);
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "relay is at its client limit\n",
+            );
+        }
     };
 
     let mut resp = Response::new("".into());
@@ -171,7 +178,7 @@ async fn run_upgraded(
     deps: Arc<ConnDeps>,
     remote: SocketAddr,
     transport: Transport,
-    slot: ClientSlot,
+    slot: Option<ClientSlot>,
     pending: Option<PendingGuard>,
 ) {
     let upgraded = match on_upgrade.await {

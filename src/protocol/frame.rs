@@ -26,6 +26,15 @@ pub const MAX_CLIENT_INFO_PAYLOAD: usize = 4096;
 pub const DISCO_MAGIC: [u8; 6] = [0x54, 0x53, 0xF0, 0x9F, 0x92, 0xAC];
 /// Disco magic + sender disco key + nonce: anything shorter is not disco.
 const DISCO_MIN_LEN: usize = DISCO_MAGIC.len() + KEY_LEN + NONCE_LEN;
+/// PeerPresent as current servers write it: key, IPv6 (or v4-mapped)
+/// address, port, flags.
+pub const PEER_PRESENT_LEN: usize = KEY_LEN + 16 + 2 + 1;
+/// PeerPresent flag: an ordinary client.
+pub const PEER_PRESENT_IS_REGULAR: u8 = 0x01;
+/// PeerPresent flag: a mesh peer (another relay of the region).
+pub const PEER_PRESENT_IS_MESH_PEER: u8 = 0x02;
+/// PeerPresent flag: a prober (`IsProber` in ClientInfo).
+pub const PEER_PRESENT_IS_PROBER: u8 = 0x04;
 /// Unknown frame types are skipped, but still bounded.
 const MAX_UNKNOWN_FRAME: usize = MAX_PACKET_SIZE + 2 * KEY_LEN;
 
@@ -288,6 +297,14 @@ pub enum ServerFrame {
         reconnect_in_ms: u32,
         try_for_ms: u32,
     },
+    /// Mesh watchers only: `key` is connected to the sending node.
+    PeerPresent {
+        key: PublicKey,
+        /// The client's address, when the frame carried one (50+ bytes).
+        addr: Option<std::net::SocketAddr>,
+        /// Flag bits (0x01 client, 0x02 mesh peer, 0x04 prober); 0 if absent.
+        flags: u8,
+    },
     Other(u8),
 }
 
@@ -340,6 +357,21 @@ impl ServerFrame {
                 ServerFrame::Pong(eight(&payload))
             }
             Some(FrameType::Health) => ServerFrame::Health(payload),
+            Some(FrameType::PeerPresent) => {
+                short(KEY_LEN)?;
+                // Readers accept 32 (old servers), 50 (no flags) or 51+ bytes.
+                let addr = (payload.len() >= PEER_PRESENT_LEN - 1).then(|| {
+                    let mut ip = [0u8; 16];
+                    ip.copy_from_slice(&payload[KEY_LEN..KEY_LEN + 16]);
+                    let port = u16::from_be_bytes([payload[KEY_LEN + 16], payload[KEY_LEN + 17]]);
+                    std::net::SocketAddr::new(std::net::Ipv6Addr::from(ip).to_canonical(), port)
+                });
+                ServerFrame::PeerPresent {
+                    key: key_at(&payload, 0),
+                    addr,
+                    flags: payload.get(PEER_PRESENT_LEN - 1).copied().unwrap_or(0),
+                }
+            }
             Some(FrameType::Restarting) => {
                 short(8)?;
                 ServerFrame::Restarting {
@@ -421,6 +453,49 @@ pub fn encode_peer_gone(buf: &mut BytesMut, key: &PublicKey, reason: PeerGoneRea
     put_header(buf, FrameType::PeerGone, KEY_LEN + 1);
     buf.put_slice(key.as_bytes());
     buf.put_u8(reason as u8);
+}
+
+/// Mesh: subscribe to PeerPresent/PeerGone (empty payload).
+pub fn encode_watch_conns(buf: &mut BytesMut) {
+    put_header(buf, FrameType::WatchConns, 0);
+}
+
+/// Mesh: `key` is connected here, from `addr` (zeros when not an ip:port),
+/// with `flags` (`PEER_PRESENT_IS_*`). 51 bytes, as derper writes it.
+pub fn encode_peer_present(
+    buf: &mut BytesMut,
+    key: &PublicKey,
+    addr: Option<std::net::SocketAddr>,
+    flags: u8,
+) {
+    put_header(buf, FrameType::PeerPresent, PEER_PRESENT_LEN);
+    buf.put_slice(key.as_bytes());
+    match addr {
+        Some(a) => {
+            let ip = match a.ip() {
+                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                std::net::IpAddr::V6(v6) => v6,
+            };
+            buf.put_slice(&ip.octets());
+            buf.put_u16(a.port());
+        }
+        None => buf.put_slice(&[0u8; 18]),
+    }
+    buf.put_u8(flags);
+}
+
+/// Mesh: a packet from `src` (a client of the sending node) for `dst`.
+pub fn encode_forward_packet(buf: &mut BytesMut, src: &PublicKey, dst: &PublicKey, packet: &[u8]) {
+    put_header(buf, FrameType::ForwardPacket, 2 * KEY_LEN + packet.len());
+    buf.put_slice(src.as_bytes());
+    buf.put_slice(dst.as_bytes());
+    buf.put_slice(packet);
+}
+
+/// Mesh: close every connection of `key` on the receiving node.
+pub fn encode_close_peer(buf: &mut BytesMut, key: &PublicKey) {
+    put_header(buf, FrameType::ClosePeer, KEY_LEN);
+    buf.put_slice(key.as_bytes());
 }
 
 pub fn encode_restarting(buf: &mut BytesMut, reconnect_in_ms: u32, try_for_ms: u32) {

@@ -59,6 +59,14 @@ impl ClientInfo {
         })
     }
 
+    /// True when the client sent something shaped like a mesh key (64 hex
+    /// digits), right or wrong; ts_derp's `"none"` is not.
+    pub fn presents_mesh_key(&self) -> bool {
+        self.mesh_key
+            .as_deref()
+            .is_some_and(|k| k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+    }
+
     /// True when the client presented exactly `configured` as its mesh key.
     /// Absent or malformed keys are simply "not a mesh peer".
     pub fn is_mesh_peer(&self, configured: Option<&[u8; 32]>) -> bool {
@@ -101,6 +109,13 @@ impl ServerSecret {
 
     pub fn public(&self) -> PublicKey {
         self.public
+    }
+
+    /// The same identity as a client key: a mesh link presents the node's own
+    /// server key as its client key (as derper does), which is also how a
+    /// node recognises a link to itself.
+    pub fn as_client(&self) -> ClientSecret {
+        ClientSecret::from_bytes(self.secret.to_bytes())
     }
 
     /// The key file format of Tailscale's derper (`{"PrivateKey":"privkey:<hex>"}`),
@@ -154,6 +169,17 @@ impl ServerSecret {
     pub fn seal_server_info(&self, client: &PublicKey, json: &[u8]) -> Vec<u8> {
         seal(&self.secret, client, json)
     }
+}
+
+/// The ClientInfo JSON of a mesh link, in the Go client's field order and
+/// spelling (`{"meshKey":"<hex>","version":2,"CanAckPings":false}`), which
+/// derper and this relay both read.
+pub fn mesh_client_info_json(mesh_key: &[u8; 32]) -> Vec<u8> {
+    format!(
+        "{{\"meshKey\":\"{}\",\"version\":{PROTOCOL_VERSION},\"CanAckPings\":false}}",
+        hex::encode(mesh_key)
+    )
+    .into_bytes()
 }
 
 /// The ServerInfo JSON this relay sends.

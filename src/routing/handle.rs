@@ -4,10 +4,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use super::send_queue::SendQueue;
+use super::watch::WatchQueue;
 use crate::protocol::PublicKey;
 use crate::reasons::{CloseReason, Transport};
 
@@ -37,6 +38,11 @@ pub struct ClientHandle {
     /// Keys (and their connection) this client delivered packets to, told
     /// PeerGone when this client leaves.
     sent_to: Mutex<HashMap<PublicKey, u64>>,
+    /// PeerPresent flags (regular, mesh peer, prober); set once before
+    /// registration by the connection's owner.
+    presence_flags: AtomicU8,
+    /// Set when this mesh peer sent WatchConns; its writer drains it.
+    watch: OnceLock<Box<WatchQueue>>,
 }
 
 impl ClientHandle {
@@ -62,6 +68,8 @@ impl ClientHandle {
             write_started_ms: AtomicU64::new(0),
             write_packets: AtomicU64::new(0),
             sent_to: Mutex::new(HashMap::new()),
+            presence_flags: AtomicU8::new(crate::protocol::frame::PEER_PRESENT_IS_REGULAR),
+            watch: OnceLock::new(),
         }
     }
 
@@ -115,6 +123,38 @@ impl ClientHandle {
     /// Records NotePreferred; returns the previous value.
     pub fn set_preferred(&self, v: bool) -> bool {
         self.preferred.swap(v, Ordering::Relaxed)
+    }
+
+    /// Records what the client is, for PeerPresent and the mesh rules.
+    pub fn set_role(&self, mesh_peer: bool, prober: bool) {
+        use crate::protocol::frame::*;
+        let f = match (mesh_peer, prober) {
+            (true, _) => PEER_PRESENT_IS_MESH_PEER,
+            (false, true) => PEER_PRESENT_IS_PROBER,
+            _ => PEER_PRESENT_IS_REGULAR,
+        };
+        self.presence_flags.store(f, Ordering::Relaxed);
+    }
+
+    /// A relay of this region that presented the mesh key.
+    pub fn is_mesh_peer(&self) -> bool {
+        self.presence_flags() & crate::protocol::frame::PEER_PRESENT_IS_MESH_PEER != 0
+    }
+
+    pub fn presence_flags(&self) -> u8 {
+        self.presence_flags.load(Ordering::Relaxed)
+    }
+
+    /// Makes this connection a watcher; false if it already was one.
+    pub fn start_watching(&self, max_pending: usize) -> bool {
+        self.watch
+            .set(Box::new(WatchQueue::new(max_pending)))
+            .is_ok()
+    }
+
+    /// The presence updates pending for this watcher, if it watches.
+    pub fn watch(&self) -> Option<&WatchQueue> {
+        self.watch.get().map(|b| &**b)
     }
 
     pub fn note_sent_to(&self, dst: PublicKey, dst_conn: u64) {

@@ -26,6 +26,8 @@ pub enum Control {
     Pong([u8; 8]),
     PeerGone(PublicKey, PeerGoneReason),
     KeepAlive,
+    /// Mesh presence updates are waiting in the handle's watch queue.
+    MeshUpdates,
     /// The reader found a protocol violation: the writer tells the client why
     /// (a WebSocket close code) and ends the connection. Handed to the writer
     /// because it owns the write half; nothing queued after it is sent.

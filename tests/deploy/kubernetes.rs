@@ -55,11 +55,33 @@ fn kubernetes_manifests_match_the_relay_and_each_other() {
     let image = str_of(get(&get(&kust, &["images"])[0], &["name"]));
 
     let dep = k8s("deployment.yaml");
-    assert_eq!(get(&dep, &["spec", "replicas"]).as_u64(), Some(1));
+    // Meshed replicas: ≥ 2, found through the headless Service.
+    assert!(get(&dep, &["spec", "replicas"]).as_u64() >= Some(2));
     let pod = get(&dep, &["spec", "template", "spec"]);
     let relay = container(pod, "derp-relay");
     assert!(str_of(get(relay, &["image"])).starts_with(&image));
-    let args = strings(get(relay, &["args"]));
+    let mut args = strings(get(relay, &["args"]));
+    let mesh = k8s("service-mesh.yaml");
+    assert_eq!(str_of(get(&mesh, &["spec", "clusterIP"])), "None");
+    assert!(resources.iter().any(|x| x == "service-mesh.yaml"));
+    let dns = args
+        .iter()
+        .skip_while(|a| *a != "--mesh-dns")
+        .nth(1)
+        .expect("--mesh-dns in the args")
+        .clone();
+    let mesh_name = str_of(get(&mesh, &["metadata", "name"]));
+    assert!(
+        dns.starts_with(&format!("{mesh_name}.")),
+        "{dns} names the headless Service"
+    );
+    let env = serde_norway::to_string(get(relay, &["env"])).unwrap();
+    assert!(
+        env.contains("DERP_RELAY_MESH_KEY") && env.contains("derp-relay-mesh"),
+        "mesh key from its Secret"
+    );
+    // The Secret's value, as the pod would have it.
+    args.extend(["--mesh-key".to_owned(), "00".repeat(32)]);
     let config = load_args("deployment args", &args);
     let port = config.listen_addr().unwrap().port();
     assert_eq!(named_port(relay, "http"), port);
