@@ -644,3 +644,42 @@ async fn flood_of_5000_keys_reaches_a_new_watcher() {
     assert!(n2.relay().metrics().mesh.remote_keys.get() >= KEYS as i64);
     drop(clients);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_peers_are_exempt_from_the_client_bandwidth_limit() {
+    let net = subnet();
+    // 100 kB/s: the half megabyte below would take over 4 s if paced.
+    let node = start_node(addr(net, 1), &TestDns::default(), |c| {
+        c.client_bytes_per_sec = 100_000;
+    })
+    .await;
+    let mut rx = RawClient::connect(node.addr, Via::Derp).await;
+    let mut w = raw_with_info(node.addr, Via::Derp, &mesh_client_info_json(&KEY))
+        .await
+        .expect("mesh peer admitted");
+    let src = PublicKey([7; 32]);
+    let dst = rx.key();
+    let sender = tokio::spawn(async move {
+        for i in 0..32u8 {
+            let mut out = BytesMut::new();
+            frame::encode_forward_packet(&mut out, &src, &dst, &[i; 16_000]);
+            w.send_raw(&out).await.expect("send");
+        }
+        w
+    });
+    for i in 0..32u8 {
+        match rx.recv_skip_keepalive().await {
+            Some(ServerFrame::RecvPacket { src: s, packet }) => {
+                assert_eq!(s, src);
+                assert!(packet.iter().all(|&b| b == i), "packet {i}");
+            }
+            other => panic!("packet {i}: expected RecvPacket, got {other:?}"),
+        }
+    }
+    let _w = sender.await.expect("sender");
+    assert_eq!(
+        node.relay().metrics().client_rate_paced_reads.get(),
+        0,
+        "a mesh peer's reads were paced"
+    );
+}
