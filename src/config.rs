@@ -88,6 +88,14 @@ pub struct Config {
     /// UDP address for STUN; `:3478` means every interface. A host name is
     /// resolved at start (Fly needs `fly-global-services:3478`).
     pub stun_addr: String,
+    // Per-client bandwidth limit (perf branch).
+    /// Bytes per second each client may send (derper's
+    /// `PerClientRateLimitBytesPerSec`), paced by delaying reads; 0 = off.
+    /// Mesh peers are exempt.
+    pub client_bytes_per_sec: u64,
+    /// Bytes a client may send at once above `client_bytes_per_sec`; raised to
+    /// at least 65 568 (one largest frame).
+    pub client_burst_bytes: u64,
     /// File holding the region's shared mesh key (64 hex digits, derper's format).
     pub mesh_key_file: Option<PathBuf>,
     /// The mesh key itself, for platforms that inject secrets as environment
@@ -181,6 +189,8 @@ impl Default for Config {
             tofu_expire: Duration::ZERO,
             stun: true,
             stun_addr: ":3478".into(),
+            client_bytes_per_sec: 0,
+            client_burst_bytes: 0,
             mesh_key_file: None,
             mesh_key: None,
             mesh_with: String::new(),
@@ -321,6 +331,14 @@ pub struct Flags {
     #[arg(long, value_name = "ADDR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stun_addr: Option<String>,
+    /// Bytes per second each client may send, paced by delaying its reads (0 = off; mesh peers exempt).
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_bytes_per_sec: Option<u64>,
+    /// Burst in bytes above --client-bytes-per-sec (at least 65568 is used).
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_burst_bytes: Option<u64>,
     /// Shared mesh key file, 64 hex digits (derper's --mesh-psk-file format).
     #[arg(long, value_name = "PATH")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1009,6 +1027,8 @@ pub const LIVE_KEYS: &[&str] = &[
     "verify_client_cache_ttl",
     "verify_client_cache_size",
     "verify_client_recheck",
+    "client_bytes_per_sec",
+    "client_burst_bytes",
 ];
 
 /// The part of the configuration that may change while the relay runs. It is
@@ -1029,10 +1049,10 @@ pub struct LiveSettings {
     pub allowed_keys_file: Option<PathBuf>,
     /// `None`: no verify URL.
     pub verify: Option<VerifySettings>,
-    // Per-client bandwidth (derper's --rate-config) belongs here when it is
-    // merged: add `client_rate: u64, client_burst: u64` to this struct and to
-    // `Config::live` and LIVE_KEYS, and have conn/reader.rs read
-    // `shared.live().client_rate` when it (re)builds a client's bucket.
+    // Per-client bandwidth (`client_bytes_per_sec`, `client_burst_bytes`) is
+    // live too, but not here: every read of every client consults it, so it
+    // lives in two atomics (`conn::pace::ClientRate`) that `Relay::reload`
+    // sets, rather than behind this struct's lock and refcount.
 }
 
 /// `--verify-client-url` and its companions, as one value.

@@ -14,9 +14,10 @@
 //!
 //! A packet's path: `http::server` accepts, `http::upgrade` answers 101,
 //! `conn::accept` runs the bounded handshake and starts `conn::actor`, whose
-//! `conn::reader` decodes SendPacket and calls `routing::Clients::route`
-//! (a map read), which pushes onto the destination's `routing::SendQueue`;
-//! that connection's `conn::writer` drains the queue and writes the batch.
+//! `conn::reader` decodes SendPacket and pushes it onto the destination's
+//! `routing::SendQueue` through `routing::Clients` (a map read), waking each
+//! destination's `conn::writer` once per read, which drains the queue and
+//! writes the batch.
 //! A key connected to another relay of the region instead goes onto that mesh
 //! link's `routing::ForwardQueue`, which `actors::mesh::link` writes as
 //! ForwardPacket; a ForwardPacket received is delivered locally only.

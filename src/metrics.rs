@@ -5,7 +5,8 @@
 //! on the hot path are resolved once here, so an increment is one atomic add.
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Counter, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 pub use crate::reasons::{
@@ -84,6 +85,8 @@ pub struct Metrics {
     pub packets_routed: IntCounter,
     pub bytes_received: IntCounter,
     pub bytes_sent: IntCounter,
+    pub client_rate_paced_reads: IntCounter,
+    pub client_rate_paced_seconds: Counter,
     dropped: [IntCounter; DropReason::ALL.len()],
     pub dropped_vec: IntCounterVec,
     clients_derp: IntGauge,
@@ -294,6 +297,19 @@ impl Metrics {
                 "derp_sent_bytes_total",
                 "Packet payload bytes written to clients.",
             ),
+            client_rate_paced_reads: counter(
+                "derp_client_rate_paced_reads_total",
+                "Client reads after which the reader waited to keep under --client-bytes-per-sec.",
+            ),
+            client_rate_paced_seconds: {
+                let c = Counter::new(
+                    "derp_client_rate_paced_seconds_total",
+                    "Time client readers spent waiting for --client-bytes-per-sec, summed over clients.",
+                )
+                .unwrap_or_else(|e| panic!("metric derp_client_rate_paced_seconds_total: {e}"));
+                reg(Box::new(c.clone()));
+                c
+            },
             dropped,
             dropped_vec,
             clients_derp: clients.with_label_values(&[Transport::Derp.as_str()]),

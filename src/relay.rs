@@ -21,6 +21,7 @@ use crate::admission::bindings::{self, Bindings};
 use crate::admission::server_key::load_or_create_key;
 use crate::config::Config;
 use crate::conn::ConnDeps;
+use crate::conn::pace::ClientRate;
 use crate::http::server::{Front, Role};
 use crate::metrics::Metrics;
 use crate::state::Shared;
@@ -30,6 +31,8 @@ pub struct Relay {
     pub shared: Arc<Shared>,
     /// The long-lived actors in force (tests reach them to inject faults).
     pub actors: Arc<Actors>,
+    /// The per-client bandwidth limit every connection reads; a reload sets it.
+    pub client_rate: Arc<ClientRate>,
     addr: SocketAddr,
     root: ActorRef<RootMsg>,
     stop_accepting: watch::Sender<bool>,
@@ -95,10 +98,16 @@ impl Relay {
             .filter(|m| !m.peers.is_empty() || m.dns.is_some())
             .map(|settings| MeshSetup { settings, resolver });
         let actors = Arc::new(Actors::default());
+        let client_rate = Arc::new(ClientRate::new(
+            shared.config.client_bytes_per_sec,
+            shared.config.client_burst_bytes,
+        ));
         let deps = Arc::new(ConnDeps {
             state: shared.clone(),
             registrar: actors.clone(),
             supervisor: Default::default(),
+            client_rate: client_rate.clone(),
+            rate_limited: true,
         });
 
         let (fatal_tx, fatal) = watch::channel(None);
@@ -207,6 +216,7 @@ impl Relay {
         Ok(Relay {
             shared,
             actors,
+            client_rate,
             addr,
             root,
             stop_accepting,
@@ -253,6 +263,8 @@ impl Relay {
         let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
         let changed = changed_live_keys(&applied, &new, &restart_only);
         shared.set_live(live);
+        self.client_rate
+            .set(new.client_bytes_per_sec, new.client_burst_bytes);
         if let Some(path) = repoint
             && let Some(acl) = self.actors.acl.get()
         {

@@ -165,25 +165,20 @@ fn pk(kp: &NodeKeyPair) -> PublicKey {
 async fn static_mesh_delivers_across_nodes_both_ways_once() {
     let net = subnet();
     let nodes = static_mesh(net, 3).await;
-    // Each node listed itself: that link found its own key and stopped.
+    // Each node listed itself: that link finds its own key and stops (a
+    // node may dial itself before its listener is up, then retry).
     for n in &nodes {
-        let states: Vec<_> = n
-            .relay()
-            .shared
-            .clients
-            .remote
-            .links()
-            .iter()
-            .map(|l| l.state())
-            .collect();
-        assert_eq!(
-            states
+        let myself = || {
+            n.relay()
+                .shared
+                .clients
+                .remote
+                .links()
                 .iter()
-                .filter(|s| **s == MeshPeerState::Myself)
-                .count(),
-            1,
-            "{states:?}"
-        );
+                .filter(|l| l.state() == MeshPeerState::Myself)
+                .count()
+        };
+        eventually("the self link recognised", || myself() == 1).await;
     }
     for via in BOTH {
         let (ka, kb, kc) = (
@@ -643,4 +638,110 @@ async fn flood_of_5000_keys_reaches_a_new_watcher() {
     // Node 1's own link key is announced too (as a mesh peer).
     assert!(n2.relay().metrics().mesh.remote_keys.get() >= KEYS as i64);
     drop(clients);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_peers_are_exempt_from_the_client_bandwidth_limit() {
+    let net = subnet();
+    // 100 kB/s: the half megabyte below would take over 4 s if paced.
+    let node = start_node(addr(net, 1), &TestDns::default(), |c| {
+        c.client_bytes_per_sec = 100_000;
+    })
+    .await;
+    let mut rx = RawClient::connect(node.addr, Via::Derp).await;
+    let mut w = raw_with_info(node.addr, Via::Derp, &mesh_client_info_json(&KEY))
+        .await
+        .expect("mesh peer admitted");
+    let src = PublicKey([7; 32]);
+    let dst = rx.key();
+    let sender = tokio::spawn(async move {
+        for i in 0..32u8 {
+            let mut out = BytesMut::new();
+            frame::encode_forward_packet(&mut out, &src, &dst, &[i; 16_000]);
+            w.send_raw(&out).await.expect("send");
+        }
+        w
+    });
+    for i in 0..32u8 {
+        match rx.recv_skip_keepalive().await {
+            Some(ServerFrame::RecvPacket { src: s, packet }) => {
+                assert_eq!(s, src);
+                assert!(packet.iter().all(|&b| b == i), "packet {i}");
+            }
+            other => panic!("packet {i}: expected RecvPacket, got {other:?}"),
+        }
+    }
+    let _w = sender.await.expect("sender");
+    assert_eq!(
+        node.relay().metrics().client_rate_paced_reads.get(),
+        0,
+        "a mesh peer's reads were paced"
+    );
+}
+
+/// `--mesh-tls`: links dial `https://` and the nodes serve only TLS (here
+/// self-signed, so the links skip verification as `--mesh-tls-insecure`
+/// says); Tailscale's own client on each node, over TLS, reaches the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_links_over_tls_carry_packets_between_tls_only_nodes() {
+    let _ = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let net = subnet();
+    let (a_at, b_at) = (addr(net, 1), addr(net, 2));
+    let list = format!("{a_at},{b_at}");
+    let mut nodes = Vec::new();
+    for at in [a_at, b_at] {
+        let list = list.clone();
+        nodes.push(
+            start_node(at, &TestDns::default(), |c| {
+                c.mesh_with = list;
+                c.mesh_tls = true;
+                c.mesh_tls_insecure = true;
+                c.tls_self_signed = Some(at.ip().to_string());
+                c.rate_limit = 0;
+            })
+            .await,
+        );
+    }
+    for n in &nodes {
+        eventually("the TLS link is up", || n.connected_links() == 1).await;
+    }
+    let server = |at: SocketAddr| ts_derp::ServerConnInfo {
+        hostname: at.ip().to_string(),
+        ipv4: ts_derp::IpUsage::FixedAddr(match at.ip() {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) => unreachable!("test nodes are on IPv4 loopback"),
+        }),
+        ipv6: ts_derp::IpUsage::Disable,
+        tls_validation_config: ts_derp::TlsValidationConfig::InsecureForTests,
+        https_port: at.port(),
+        stun_port: None,
+        stun_only: false,
+        supports_port_80: false,
+    };
+    let connect = |at: SocketAddr, kp: NodeKeyPair| async move {
+        tokio::time::timeout(WAIT, ts_derp::Client::connect([&server(at)], &kp))
+            .await
+            .expect("connect in time")
+            .expect("ts_derp connects over TLS")
+    };
+    let (ka, kb) = (NodeKeyPair::random(), NodeKeyPair::random());
+    let a = connect(a_at, ka.clone()).await;
+    let b = connect(b_at, kb.clone()).await;
+    eventually("each node knows the other's client", || {
+        nodes[0].knows(&pk(&kb)) && nodes[1].knows(&pk(&ka))
+    })
+    .await;
+    for (from, to, kto, msg) in [
+        (&a, &b, &kb, &b"a to b over TLS links"[..]),
+        (&b, &a, &ka, &b"b to a over TLS links"[..]),
+    ] {
+        from.send_one(kto.public, msg).await.expect("send");
+        let (_, data) = tokio::time::timeout(WAIT, to.recv_one())
+            .await
+            .expect("delivered in time")
+            .expect("a packet");
+        assert_eq!(data.as_ref(), msg);
+    }
+    assert_eq!(nodes[0].relay().metrics().mesh.packets_out.get(), 1);
+    assert_eq!(nodes[1].relay().metrics().mesh.packets_out.get(), 1);
 }

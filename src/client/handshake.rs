@@ -60,8 +60,9 @@ pub async fn handshake(
         }
         Err(e) => return Err(ClientError::Protocol(e.to_string())),
     };
+    let session = secret.session(&server_key);
     let mut buf = BytesMut::new();
-    encode_client_info(&mut buf, &secret.seal_client_info(&server_key, info_json));
+    encode_client_info(&mut buf, &secret.seal_client_info_with(&session, info_json));
     wr.send(&mut buf).await?;
     let refused = || ClientError::Refused {
         key: secret.public().to_nodekey_hex(),
@@ -82,7 +83,7 @@ pub async fn handshake(
         Err(e) => return Err(ClientError::Protocol(e.to_string())),
     };
     let server_info = secret
-        .open_server_info(&server_key, &sealed)
+        .open_server_info_with(&session, &sealed)
         .map_err(|e| ClientError::Protocol(format!("ServerInfo: {e}")))?;
     Ok(Handshake {
         server_key,

@@ -15,7 +15,7 @@ use super::actor::{ConnArgs, ConnectionActor};
 use super::preauth::PreAuth;
 use crate::admission::UrlVerdict;
 use crate::protocol::frame::{self, FrameType};
-use crate::protocol::handshake::server_info_json;
+use crate::protocol::handshake::{Session, server_info_json};
 use crate::protocol::{ClientInfo, FrameError, PublicKey};
 use crate::reasons::{RefuseReason, Transport};
 use crate::state::{ClientSlot, Shared};
@@ -52,7 +52,7 @@ pub async fn accept(
     let hs = tokio::time::timeout(deadline, handshake(&mut io, &shared)).await;
     // The box opened: the client is no longer a stranger.
     drop(pending);
-    let (key, info, buf) = match hs.unwrap_or(Err(HandshakeFailure::Timeout)) {
+    let (key, info, session, buf) = match hs.unwrap_or(Err(HandshakeFailure::Timeout)) {
         Ok(v) => v,
         Err(e) => {
             shared.metrics.refused(RefuseReason::BadHandshake);
@@ -80,9 +80,7 @@ pub async fn accept(
             Some(c) => c.verdict,
         }
     };
-    let sealed = shared
-        .secret
-        .seal_server_info(&key, &server_info_json(None));
+    let sealed = session.seal(&server_info_json(None));
     let mut server_info = BytesMut::new();
     frame::encode_server_info(&mut server_info, &sealed);
 
@@ -120,7 +118,7 @@ pub async fn accept(
 async fn handshake(
     io: &mut PreAuth,
     shared: &Shared,
-) -> Result<(PublicKey, ClientInfo, BytesMut), HandshakeFailure> {
+) -> Result<(PublicKey, ClientInfo, Session, BytesMut), HandshakeFailure> {
     let mut out = BytesMut::new();
     frame::encode_server_key(&mut out, &shared.secret.public());
     io.write(&out).await?;
@@ -143,9 +141,9 @@ async fn handshake(
                 }
                 .into());
             }
-            let (key, info) = shared.secret.open_client_info(&f.payload)?;
+            let (key, info, session) = shared.secret.open_client_info(&f.payload)?;
             // Whatever the client pipelined after ClientInfo stays in `buf`.
-            return Ok((key, info, buf));
+            return Ok((key, info, session, buf));
         }
         // Grow only by what arrives: the announced length is a claim, not a
         // reason to allocate.

@@ -11,6 +11,7 @@
 pub mod accept;
 pub mod actor;
 pub mod mesh;
+pub mod pace;
 pub mod preauth;
 pub mod read_ahead;
 pub mod reader;
@@ -56,6 +57,11 @@ pub struct ConnDeps {
     pub registrar: Arc<dyn Registrar>,
     /// The supervisor connection actors are linked to (set once it runs).
     pub supervisor: OnceLock<ActorCell>,
+    /// Per-client receive bandwidth limit, swappable while clients are connected.
+    pub client_rate: Arc<pace::ClientRate>,
+    /// Whether `client_rate` applies to these connections: false for mesh
+    /// peers, which carry many clients' traffic (derper exempts them too).
+    pub rate_limited: bool,
 }
 
 /// Control messages for a connection actor.

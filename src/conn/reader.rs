@@ -8,6 +8,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 
 use super::ConnDeps;
+use super::pace::Bucket;
 use super::transport::ConnReader;
 use crate::protocol::frame::{self, FrameType};
 use crate::protocol::{ClientFrame, FrameError, PeerGoneReason, PublicKey};
@@ -17,9 +18,9 @@ use crate::routing::{ClientHandle, Control};
 /// Smallest read reservation; idle clients settle here, busy ones grow.
 const MIN_READ: usize = 1024;
 const MAX_READ: usize = 64 << 10;
-/// Packets routed in a row after which the reader lets writers run; well under
-/// the default queue depth, so a one-to-one flow does not overflow it.
-const YIELD_AFTER: u64 = 16;
+/// Distinct destinations remembered per read before their writers are woken
+/// early; bounds the list for a sender spraying many peers.
+const MAX_WAKES: usize = 16;
 /// PeerGone(NotHere) answers per sender: burst, then one per second.
 const NOT_HERE_BURST: f64 = 3.0;
 
@@ -41,6 +42,52 @@ impl NotHereLimit {
             false
         }
     }
+}
+
+/// Destination writers to wake once the current read's frames are routed.
+/// Dropping it wakes them too, so no exit path leaves packets unannounced.
+#[derive(Default)]
+struct Wakes(Vec<Arc<ClientHandle>>);
+
+impl Wakes {
+    fn add(&mut self, d: &Arc<ClientHandle>) {
+        if self.0.iter().any(|w| w.conn_id == d.conn_id) {
+            return;
+        }
+        if self.0.len() >= MAX_WAKES {
+            self.wake_all();
+        }
+        self.0.push(d.clone());
+    }
+
+    /// Wakes and forgets every writer noted; true if there was one.
+    fn wake_all(&mut self) -> bool {
+        let any = !self.0.is_empty();
+        for w in self.0.drain(..) {
+            w.queue.wake();
+        }
+        any
+    }
+}
+
+impl Drop for Wakes {
+    fn drop(&mut self) {
+        self.wake_all();
+    }
+}
+
+/// Lets the writers this read woke run (they wait in this worker's run
+/// queue), then queues as usual, evicting the oldest if still full.
+async fn route_after_yield(
+    clients: &crate::routing::Clients,
+    src: PublicKey,
+    dst: PublicKey,
+    packet: bytes::Bytes,
+    disco: bool,
+) -> (PublicKey, Result<(u64, Option<DropReason>), DropReason>) {
+    tokio::task::yield_now().await;
+    let r = clients.route(src, &dst, packet, disco);
+    (dst, r)
 }
 
 pub(super) async fn read_loop(
@@ -72,19 +119,13 @@ async fn read_frames(
     // read instead of per packet.
     let mut routed = 0u64;
     let mut received = 0u64;
+    let mut bucket = Bucket::new();
+    // Writers this read's packets went to, woken once when the read's
+    // frames are all routed rather than once per packet.
+    let mut wakes = Wakes::default();
     let mut mesh_in = super::mesh::MeshIn::default();
     loop {
         loop {
-            if routed >= YIELD_AFTER {
-                m.packets_routed.inc_by(routed);
-                m.bytes_received.inc_by(received);
-                (routed, received) = (0, 0);
-                // Writers this reader woke wait in this worker's run queue (tokio
-                // runs a woken task after the waker yields). Without a yield a
-                // busy sender routes packet after packet while their queues
-                // overflow.
-                tokio::task::yield_now().await;
-            }
             let f = match frame::decode_frame(buf, frame::client_frame_limit) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -106,18 +147,65 @@ async fn read_frames(
                 }
             };
             match f {
-                ClientFrame::SendPacket { dst, packet } => {
+                ClientFrame::SendPacket { mut dst, packet } => {
                     received += packet.len() as u64;
                     if h.should_request_activity() {
                         deps.registrar.activity(h.clone());
                     }
                     let disco = frame::is_disco(&packet);
-                    match shared.clients.route(h.key, &dst, packet, disco) {
-                        Ok((dst_conn, head_drop)) => {
-                            routed += 1;
-                            if let Some(r) = head_drop {
-                                m.dropped(r).inc();
+                    let src = h.key;
+                    let mut routed_to = match shared.clients.with_active(&dst, packet, |d, p| {
+                        let r = d.queue.try_push_packet(src, p, disco);
+                        if !matches!(r, Err((DropReason::GoneDisconnected, _))) {
+                            wakes.add(d);
+                        }
+                        (d.conn_id, r)
+                    }) {
+                        Ok(r) => Some(r),
+                        // Not a local key: the table's own route forwards to
+                        // a mesh peer that has it, or reports unknown_dest.
+                        Err(packet) => Some(match shared.clients.route(src, &dst, packet, disco) {
+                            Ok((id, head_drop)) => {
+                                if let Some(r) = head_drop {
+                                    m.dropped(r).inc();
+                                }
+                                (id, Ok(()))
                             }
+                            Err(r) => (0, Err((r, bytes::Bytes::new()))),
+                        }),
+                    };
+                    if let Some((_, Err((DropReason::QueueHead, packet)))) = routed_to {
+                        // Full: let its writer drain what this read queued
+                        // (it waits in this worker's run queue) before
+                        // evicting anything; then queue as usual.
+                        wakes.wake_all();
+                        m.packets_routed.inc_by(routed);
+                        m.bytes_received.inc_by(received);
+                        (routed, received) = (0, 0);
+                        // Boxed: whatever is live across this await is kept
+                        // in every reader task's state, idle ones included.
+                        let (back, r) =
+                            Box::pin(route_after_yield(&shared.clients, src, dst, packet, disco))
+                                .await;
+                        dst = back;
+                        routed_to = Some(match r {
+                            Ok((id, head_drop)) => {
+                                if let Some(r) = head_drop {
+                                    m.dropped(r).inc();
+                                }
+                                (id, Ok(()))
+                            }
+                            Err(r) => (0, Err((r, bytes::Bytes::new()))),
+                        });
+                    }
+                    let outcome = match routed_to {
+                        None => Err(DropReason::UnknownDest),
+                        Some((id, Ok(()))) => Ok(id),
+                        Some((_, Err((r, _)))) => Err(r),
+                    };
+                    match outcome {
+                        Ok(dst_conn) => {
+                            routed += 1;
                             if last_dst != Some((dst, dst_conn)) {
                                 h.note_sent_to(dst, dst_conn);
                                 last_dst = Some((dst, dst_conn));
@@ -156,12 +244,20 @@ async fn read_frames(
         }
         m.packets_routed.inc_by(routed);
         m.bytes_received.inc_by(received);
+        if wakes.wake_all() && routed > 1 {
+            // Let the writers just woken (in this worker's run queue) write
+            // this read's batch before the next read adds to it.
+            tokio::task::yield_now().await;
+        }
         (routed, received) = (0, 0);
         let idle = buf.is_empty() && hint == MIN_READ;
         if buf.is_empty() && (idle || buf.capacity() > 4 * hint) {
             // Nothing pending: hold no buffer while waiting. Most clients are
             // idle most of the time, and this is most of what one costs.
             *buf = BytesMut::new();
+            if idle {
+                wakes = Wakes::default();
+            }
         }
         #[cfg(feature = "test-hooks")]
         super::test_hooks::check(h, super::test_hooks::Part::Reader);
@@ -174,6 +270,19 @@ async fn read_frames(
         match read {
             Ok(0) => return CloseReason::Eof,
             Ok(n) => {
+                if deps.rate_limited
+                    && !h.is_mesh_peer()
+                    && let Some(limit) = deps.client_rate.get()
+                {
+                    let wait = bucket.charge(n as u64, limit, Instant::now());
+                    if !wait.is_zero() {
+                        m.client_rate_paced_reads.inc();
+                        m.client_rate_paced_seconds.inc_by(wait.as_secs_f64());
+                        // Boxed: a timer in the task's own state would make
+                        // every idle client's task bigger for a rare wait.
+                        Box::pin(tokio::time::sleep(wait)).await;
+                    }
+                }
                 if n >= want {
                     hint = (hint * 2).min(MAX_READ);
                 } else if n < hint / 4 {

@@ -2,8 +2,11 @@
 //! key to the server's, so opening it proves the client holds the private key it
 //! claims; ServerInfo is a box back the other way.
 
+use aws_lc_rs::agreement::{self, UnparsedPublicKey, X25519};
+use crypto_box::aead::generic_array::GenericArray;
 use crypto_box::aead::{Aead, AeadCore, OsRng};
 use crypto_box::{SalsaBox, SecretKey};
+use crypto_secretbox::{Kdf, KeyInit, XSalsa20Poly1305};
 use serde_json::Value;
 
 use super::frame::{MAX_INFO_LEN, NONCE_LEN, PROTOCOL_VERSION};
@@ -84,6 +87,9 @@ impl ClientInfo {
 pub struct ServerSecret {
     secret: SecretKey,
     public: PublicKey,
+    /// The same key for aws-lc's X25519 (assembly; about 3× dalek's portable
+    /// ladder, which was most of a handshake's CPU).
+    agree: Agree,
 }
 
 impl ServerSecret {
@@ -94,7 +100,11 @@ impl ServerSecret {
     pub fn from_bytes(b: [u8; 32]) -> Self {
         let secret = SecretKey::from_bytes(b);
         let public = PublicKey(*secret.public_key().as_bytes());
-        ServerSecret { secret, public }
+        ServerSecret {
+            agree: Agree::new(&b),
+            secret,
+            public,
+        }
     }
 
     pub fn public(&self) -> PublicKey {
@@ -132,22 +142,27 @@ impl ServerSecret {
 
     /// Opens a ClientInfo payload (`client key | nonce | box`), proving the
     /// client holds the private half of the key it claims.
+    /// Also returns the box shared with that client, which seals ServerInfo
+    /// without a second X25519 (the costliest step of a handshake).
     pub fn open_client_info(
         &self,
         payload: &[u8],
-    ) -> Result<(PublicKey, ClientInfo), HandshakeError> {
+    ) -> Result<(PublicKey, ClientInfo, Session), HandshakeError> {
         if payload.len() < KEY_LEN + NONCE_LEN {
             return Err(HandshakeError::TooShort(payload.len()));
         }
         let client = PublicKey::from_slice(&payload[..KEY_LEN])
             .ok_or(HandshakeError::TooShort(payload.len()))?;
-        let nonce = crypto_box::Nonce::from_slice(&payload[KEY_LEN..KEY_LEN + NONCE_LEN]);
-        let sbox = SalsaBox::new(&crypto_box::PublicKey::from(client.0), &self.secret);
-        let json = sbox
-            .decrypt(nonce, &payload[KEY_LEN + NONCE_LEN..])
-            .map_err(|_| HandshakeError::BadBox)?;
+        let nonce = &payload[KEY_LEN..KEY_LEN + NONCE_LEN];
+        // A key whose shared secret is all zeros (a low-order point) is
+        // refused by aws-lc: anyone could seal such a box.
+        let session = self
+            .agree
+            .session(&self.secret, &client)
+            .ok_or(HandshakeError::BadBox)?;
+        let json = session.open(nonce, &payload[KEY_LEN + NONCE_LEN..])?;
         let v: Value = serde_json::from_slice(&json).map_err(|_| HandshakeError::BadJson)?;
-        Ok((client, ClientInfo::from_json(&v)?))
+        Ok((client, ClientInfo::from_json(&v)?, session))
     }
 
     /// Seals the ServerInfo JSON to `client`: returns `nonce | box`.
@@ -177,6 +192,73 @@ pub fn server_info_json(token_bucket: Option<(u64, u64)>) -> Vec<u8> {
     v.to_string().into_bytes()
 }
 
+/// The box one side of a handshake shares with the other: one X25519 per
+/// handshake, used to seal and open both info frames. It is NaCl's
+/// `crypto_box` precomputed: HSalsa20 of the X25519 secret keys
+/// XSalsa20-Poly1305.
+pub struct Session(SessionBox);
+
+enum SessionBox {
+    Lc(XSalsa20Poly1305),
+    /// crypto_box's own path, for a key aws-lc would not take.
+    Portable(SalsaBox),
+}
+
+impl Session {
+    /// Seals `json` to the peer: returns `nonce | box`.
+    pub fn seal(&self, json: &[u8]) -> Vec<u8> {
+        let nonce = SalsaBox::generate_nonce(&mut OsRng);
+        let mut out = Vec::with_capacity(NONCE_LEN + json.len() + 16);
+        out.extend_from_slice(&nonce);
+        // Encryption of an in-memory buffer with a fresh nonce cannot fail.
+        let sealed = match &self.0 {
+            SessionBox::Lc(b) => b.encrypt(&nonce, json),
+            SessionBox::Portable(b) => b.encrypt(&nonce, json),
+        };
+        out.extend_from_slice(&sealed.unwrap_or_default());
+        out
+    }
+
+    fn open(&self, nonce: &[u8], sealed: &[u8]) -> Result<Vec<u8>, HandshakeError> {
+        let nonce = GenericArray::from_slice(nonce);
+        match &self.0 {
+            SessionBox::Lc(b) => b.decrypt(nonce, sealed),
+            SessionBox::Portable(b) => b.decrypt(nonce, sealed),
+        }
+        .map_err(|_| HandshakeError::BadBox)
+    }
+}
+
+/// A private key prepared for aws-lc's X25519, or `None` if aws-lc refused
+/// it (it takes any 32 bytes; then the portable path is used).
+#[derive(Clone)]
+struct Agree(Option<std::sync::Arc<agreement::PrivateKey>>);
+
+impl Agree {
+    fn new(b: &[u8; 32]) -> Self {
+        Agree(
+            agreement::PrivateKey::from_private_key(&X25519, b)
+                .ok()
+                .map(std::sync::Arc::new),
+        )
+    }
+
+    fn session(&self, secret: &SecretKey, peer: &PublicKey) -> Option<Session> {
+        let Some(k) = &self.0 else {
+            let sbox = SalsaBox::new(&crypto_box::PublicKey::from(peer.0), secret);
+            return Some(Session(SessionBox::Portable(sbox)));
+        };
+        agreement::agree(k, UnparsedPublicKey::new(&X25519, &peer.0), (), |shared| {
+            let key = <XSalsa20Poly1305 as Kdf>::kdf(
+                GenericArray::from_slice(shared),
+                &GenericArray::default(),
+            );
+            Ok(Session(SessionBox::Lc(XSalsa20Poly1305::new(&key))))
+        })
+        .ok()
+    }
+}
+
 fn seal(secret: &SecretKey, to: &PublicKey, plaintext: &[u8]) -> Vec<u8> {
     let sbox = SalsaBox::new(&crypto_box::PublicKey::from(to.0), secret);
     let nonce = SalsaBox::generate_nonce(&mut OsRng);
@@ -191,6 +273,7 @@ fn seal(secret: &SecretKey, to: &PublicKey, plaintext: &[u8]) -> Vec<u8> {
 pub struct ClientSecret {
     secret: SecretKey,
     public: PublicKey,
+    agree: Agree,
 }
 
 impl std::fmt::Debug for ClientSecret {
@@ -208,7 +291,11 @@ impl ClientSecret {
     pub fn from_bytes(b: [u8; 32]) -> Self {
         let secret = SecretKey::from_bytes(b);
         let public = PublicKey(*secret.public_key().as_bytes());
-        ClientSecret { secret, public }
+        ClientSecret {
+            agree: Agree::new(&b),
+            secret,
+            public,
+        }
     }
 
     pub fn to_bytes(&self) -> [u8; 32] {
@@ -219,10 +306,27 @@ impl ClientSecret {
         self.public
     }
 
+    /// The box shared with `server`, for [`Self::seal_client_info_with`] and
+    /// [`Self::open_server_info_with`]: one X25519 for the whole handshake.
+    pub fn session(&self, server: &PublicKey) -> Session {
+        // A server key aws-lc refuses (low order) gets crypto_box's path,
+        // whose box the server then fails to open: the handshake fails there.
+        self.agree.session(&self.secret, server).unwrap_or_else(|| {
+            Session(SessionBox::Portable(SalsaBox::new(
+                &crypto_box::PublicKey::from(server.0),
+                &self.secret,
+            )))
+        })
+    }
+
     /// Builds a ClientInfo payload (`key | nonce | box`) for `server`.
     pub fn seal_client_info(&self, server: &PublicKey, json: &[u8]) -> Vec<u8> {
+        self.seal_client_info_with(&self.session(server), json)
+    }
+
+    pub fn seal_client_info_with(&self, session: &Session, json: &[u8]) -> Vec<u8> {
         let mut out = self.public.0.to_vec();
-        out.extend_from_slice(&seal(&self.secret, server, json));
+        out.extend_from_slice(&session.seal(json));
         out
     }
 
@@ -232,16 +336,18 @@ impl ClientSecret {
         server: &PublicKey,
         payload: &[u8],
     ) -> Result<Value, HandshakeError> {
+        self.open_server_info_with(&self.session(server), payload)
+    }
+
+    pub fn open_server_info_with(
+        &self,
+        session: &Session,
+        payload: &[u8],
+    ) -> Result<Value, HandshakeError> {
         if payload.len() < NONCE_LEN || payload.len() > NONCE_LEN + MAX_INFO_LEN {
             return Err(HandshakeError::TooShort(payload.len()));
         }
-        let sbox = SalsaBox::new(&crypto_box::PublicKey::from(server.0), &self.secret);
-        let json = sbox
-            .decrypt(
-                crypto_box::Nonce::from_slice(&payload[..NONCE_LEN]),
-                &payload[NONCE_LEN..],
-            )
-            .map_err(|_| HandshakeError::BadBox)?;
+        let json = session.open(&payload[..NONCE_LEN], &payload[NONCE_LEN..])?;
         let v: Value = serde_json::from_slice(&json).map_err(|_| HandshakeError::BadJson)?;
         let version = v.get("version").and_then(Value::as_i64).unwrap_or(0);
         if version != i64::from(PROTOCOL_VERSION) {
@@ -261,7 +367,7 @@ mod tests {
         let client = ClientSecret::generate();
         let json = br#"{"version":2,"CanAckPings":true,"meshKey":"","AppName":"x","Extra":[1]}"#;
         let payload = client.seal_client_info(&server.public(), json);
-        let (key, info) = server.open_client_info(&payload).unwrap();
+        let (key, info, _) = server.open_client_info(&payload).unwrap();
         assert_eq!(key, client.public());
         assert_eq!(info.version, 2);
         assert!(info.can_ack_pings);
@@ -274,7 +380,7 @@ mod tests {
         let server = ServerSecret::generate();
         let client = ClientSecret::generate();
         let json = br#"{"can_ack_pings":false,"is_prober":true,"mesh_key":"none","version":2}"#;
-        let (_, info) = server
+        let (_, info, _) = server
             .open_client_info(&client.seal_client_info(&server.public(), json))
             .unwrap();
         assert!(info.is_prober);
@@ -304,8 +410,8 @@ mod tests {
         // Claim the honest client's key while the box was sealed by the forger.
         payload[..32].copy_from_slice(&honest.public().0);
         assert_eq!(
-            server.open_client_info(&payload),
-            Err(HandshakeError::BadBox)
+            server.open_client_info(&payload).err(),
+            Some(HandshakeError::BadBox)
         );
     }
 
@@ -314,17 +420,26 @@ mod tests {
         let server = ServerSecret::generate();
         let client = ClientSecret::generate();
         assert_eq!(
-            server.open_client_info(&[0; 10]),
-            Err(HandshakeError::TooShort(10))
+            server.open_client_info(&[0; 10]).err(),
+            Some(HandshakeError::TooShort(10))
         );
         let mut p = client.seal_client_info(&server.public(), b"{}");
         let last = p.len() - 1;
         p[last] ^= 1;
-        assert_eq!(server.open_client_info(&p), Err(HandshakeError::BadBox));
+        assert_eq!(
+            server.open_client_info(&p).err(),
+            Some(HandshakeError::BadBox)
+        );
         let p = client.seal_client_info(&server.public(), b"not json");
-        assert_eq!(server.open_client_info(&p), Err(HandshakeError::BadJson));
+        assert_eq!(
+            server.open_client_info(&p).err(),
+            Some(HandshakeError::BadJson)
+        );
         let p = client.seal_client_info(&server.public(), b"[1]");
-        assert_eq!(server.open_client_info(&p), Err(HandshakeError::BadJson));
+        assert_eq!(
+            server.open_client_info(&p).err(),
+            Some(HandshakeError::BadJson)
+        );
     }
 
     #[test]
@@ -338,6 +453,91 @@ mod tests {
         assert_eq!(
             client.open_server_info(&server.public(), &sealed),
             Err(HandshakeError::Version(1))
+        );
+    }
+
+    #[test]
+    fn one_shared_key_per_side_carries_both_info_frames() {
+        let server = ServerSecret::generate();
+        let client = ClientSecret::generate();
+        let c = client.session(&server.public());
+        let (_, _, s) = server
+            .open_client_info(&client.seal_client_info_with(&c, br#"{"version":2}"#))
+            .unwrap();
+        let v = client
+            .open_server_info_with(&c, &s.seal(&server_info_json(None)))
+            .unwrap();
+        assert_eq!(v["version"], 2);
+        // And it is the same box the long way round computes.
+        let v = client
+            .open_server_info(&server.public(), &s.seal(&server_info_json(None)))
+            .unwrap();
+        assert_eq!(v["version"], 2);
+    }
+
+    #[test]
+    fn aws_lc_sessions_interoperate_with_crypto_box() {
+        for _ in 0..20 {
+            let server = ServerSecret::generate();
+            let client = ClientSecret::generate();
+            // Sealed by crypto_box (the long way), opened by the aws-lc session.
+            let sealed = seal(&client.secret, &server.public(), br#"{"version":2}"#);
+            let mut payload = client.public().0.to_vec();
+            payload.extend_from_slice(&sealed);
+            let (_, _, s) = server.open_client_info(&payload).unwrap();
+            assert!(matches!(s.0, SessionBox::Lc(_)));
+            // Sealed by the aws-lc session, opened by crypto_box.
+            let back = s.seal(b"hello");
+            let sbox = SalsaBox::new(
+                &crypto_box::PublicKey::from(server.public().0),
+                &client.secret,
+            );
+            let opened = sbox
+                .decrypt(
+                    crypto_box::Nonce::from_slice(&back[..NONCE_LEN]),
+                    &back[NONCE_LEN..],
+                )
+                .unwrap();
+            assert_eq!(opened, b"hello");
+        }
+    }
+
+    #[test]
+    fn a_low_order_client_key_is_refused() {
+        let server = ServerSecret::generate();
+        // The all-zero point: every private key shares the zero secret with it.
+        let mut payload = vec![0u8; KEY_LEN];
+        payload.extend_from_slice(&[0u8; NONCE_LEN + 16]);
+        assert_eq!(
+            server.open_client_info(&payload).err(),
+            Some(HandshakeError::BadBox)
+        );
+    }
+
+    #[test]
+    #[ignore = "timing, run with --release -- --ignored --nocapture"]
+    fn x25519_speed() {
+        let server = ServerSecret::generate();
+        let peers: Vec<_> = (0..2000)
+            .map(|_| ClientSecret::generate().public())
+            .collect();
+        let t = std::time::Instant::now();
+        for p in &peers {
+            std::hint::black_box(server.agree.session(&server.secret, p));
+        }
+        let lc = t.elapsed();
+        let t = std::time::Instant::now();
+        for p in &peers {
+            std::hint::black_box(SalsaBox::new(
+                &crypto_box::PublicKey::from(p.0),
+                &server.secret,
+            ));
+        }
+        let dalek = t.elapsed();
+        println!(
+            "per shared key: aws-lc {:.1} µs, crypto_box {:.1} µs",
+            lc.as_secs_f64() * 1e6 / 2000.0,
+            dalek.as_secs_f64() * 1e6 / 2000.0
         );
     }
 

@@ -116,6 +116,38 @@ impl SendQueue {
         }
     }
 
+    /// Queues a packet without waking the writer and without evicting: a
+    /// reader routing a whole read's worth of packets wakes each writer once
+    /// at the end ([`Self::wake`]), so a batch costs one wakeup and one write.
+    /// A full queue hands the packet back (`QueueHead`) for the caller to let
+    /// the writer drain and retry; a closed one too (`GoneDisconnected`).
+    pub fn try_push_packet(
+        &self,
+        src: PublicKey,
+        data: Bytes,
+        disco: bool,
+    ) -> Result<(), (DropReason, Bytes)> {
+        let mut g = self.lock();
+        if g.closed {
+            return Err((DropReason::GoneDisconnected, data));
+        }
+        let q = if disco {
+            &mut g.pending.disco
+        } else {
+            &mut g.pending.packets
+        };
+        if q.len() >= self.depth {
+            return Err((DropReason::QueueHead, data));
+        }
+        q.push_back((src, data));
+        Ok(())
+    }
+
+    /// Wakes the writer for what [`Self::try_push_packet`] queued.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
     /// Queues a control frame; returns false if the queue is closed.
     pub fn push_control(&self, c: Control) -> bool {
         {
@@ -215,6 +247,36 @@ mod tests {
                 .unwrap()
                 .unwrap(),
             1
+        );
+    }
+
+    #[tokio::test]
+    async fn quiet_push_refuses_when_full_and_wakes_on_request() {
+        let q = std::sync::Arc::new(SendQueue::new(1));
+        assert_eq!(
+            q.try_push_packet(k(1), Bytes::from_static(b"a"), false),
+            Ok(())
+        );
+        assert_eq!(
+            q.try_push_packet(k(1), Bytes::from_static(b"b"), false),
+            Err((DropReason::QueueHead, Bytes::from_static(b"b")))
+        );
+        let q2 = q.clone();
+        let t = tokio::spawn(async move {
+            let mut b = Batch::default();
+            q2.next_batch(&mut b).await;
+            b.packets.len()
+        });
+        q.wake();
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), t)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "the full queue kept its packet rather than evicting");
+        q.close();
+        assert_eq!(
+            q.try_push_packet(k(1), Bytes::new(), false),
+            Err((DropReason::GoneDisconnected, Bytes::new()))
         );
     }
 

@@ -22,10 +22,12 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use tokio::time::timeout;
 
+use crate::bandwidth::{BandwidthArgs, bandwidth};
 use crate::compare::{compare, print_throughput_table};
 use crate::forwarder::{ForwarderChild, forward_server};
 use crate::idle::idle;
 use crate::load::{BenchUrl, LoadArgs, Target, check_load, run_load};
+use crate::storm::{StormArgs, storm};
 use crate::stun::stun_flood;
 use crate::tls::{TlsArgs, tls_bench};
 use crate::tofu::{TofuArgs, tofu_bench};
@@ -38,10 +40,12 @@ macro_rules! out {
     }};
 }
 
+mod bandwidth;
 mod compare;
 mod forwarder;
 mod idle;
 mod load;
+mod storm;
 mod stun;
 mod tls;
 mod tofu;
@@ -127,6 +131,12 @@ enum Mode {
     /// Built-in TLS beside plain HTTP, both transports, in alternating rounds
     /// against two relays it starts (one plain, one --tls-self-signed).
     Tls(TlsArgs),
+    /// A client sending flat out through a relay with --client-bytes-per-sec:
+    /// its delivered rate against the limit, and light pairs beside it.
+    Bandwidth(BandwidthArgs),
+    /// Reconnect storm: many clients relaying, the relay restarted (SIGTERM
+    /// drain, start again), time until each relays again.
+    Storm(StormArgs),
     /// The baseline forwarder itself; prints `listening on ADDR` first.
     ForwardServer {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -185,6 +195,8 @@ fn time_budget(mode: &Mode) -> Option<Duration> {
         } => duration.max(0.0) * *rounds as f64 + 30.0,
         Mode::Tofu(a) => 120.0 + (a.duration.max(0.0) + 20.0) * 2.0 * a.rounds.max(1) as f64,
         Mode::Tls(a) => 60.0 + per_run(&a.load) * 4.0 * a.rounds.max(1) as f64,
+        Mode::Bandwidth(a) => a.time_budget(),
+        Mode::Storm(a) => a.time_budget(),
         Mode::ForwardServer { .. } => return None,
     };
     Some(Duration::from_secs_f64(secs))
@@ -231,6 +243,8 @@ async fn run(mode: Mode) -> Result<()> {
         } => stun_flood(addr, sockets.max(1), window.max(1), duration, rounds.max(1)).await?,
         Mode::Tofu(args) => tofu_bench(args).await?,
         Mode::Tls(args) => tls_bench(args).await?,
+        Mode::Bandwidth(args) => bandwidth(args).await?,
+        Mode::Storm(args) => storm(args).await?,
         Mode::ForwardServer {
             addr,
             exit_on_stdin_eof,
