@@ -194,7 +194,10 @@ async fn scrape(addr: SocketAddr) -> Result<String> {
         )?;
         let mut body = String::new();
         s.read_to_string(&mut body)?;
-        ensure!(body.starts_with("HTTP/1.1 200"), "metrics answered {body:.40}");
+        ensure!(
+            body.starts_with("HTTP/1.1 200"),
+            "metrics answered {body:.40}"
+        );
         Ok(body)
     })
     .await?
@@ -235,7 +238,10 @@ pub(crate) async fn mesh_bench(args: MeshArgs) -> Result<()> {
     raise_nofile_limit(args.flood_keys as u64 + 4 * args.load.pairs as u64 + 512);
     let key_dir = Dir::new("mesh-key")?;
     let key_file = write_mesh_key(key_dir.path())?;
-    let ports: Vec<u16> = NODE_IPS.iter().map(|&ip| free_port(ip)).collect::<Result<_>>()?;
+    let ports: Vec<u16> = NODE_IPS
+        .iter()
+        .map(|&ip| free_port(ip))
+        .collect::<Result<_>>()?;
     // Every node gets the whole list, C included before it exists: it is the
     // static configuration of a three-node region with one node down.
     let peers = NODE_IPS
@@ -282,6 +288,18 @@ pub(crate) async fn mesh_bench(args: MeshArgs) -> Result<()> {
             cells[ti][1].push_latency(&r);
             a.check_alive()?;
             b.check_alive()?;
+        }
+    }
+
+    // Where lost packets went: the reasons say whether the mesh queue or the
+    // receivers' own queues gave way.
+    for (node, name) in [(&a, "A"), (&b, "B")] {
+        let text = scrape(node.metrics).await?;
+        for l in text.lines().filter(|l| {
+            l.starts_with("derp_packets_dropped_total")
+                && l.rsplit(' ').next().is_some_and(|v| v != "0")
+        }) {
+            out!("node {name}: {l}");
         }
     }
 
