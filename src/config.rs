@@ -6,7 +6,7 @@
 //! and what is wrong, so an operator can fix it without reading code.
 
 use std::fmt;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -112,6 +112,21 @@ pub struct Config {
     /// Presence updates pending for one watching peer before it is cut off
     /// (it reconnects and gets a fresh flood); 0 = no limit.
     pub mesh_watch_max: usize,
+    // --- built-in TLS, port 80, PROXY protocol (see README "TLS") ---
+    /// PEM certificate chain served on `addr`; with `tls_key_file`. Reloaded live.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Serve a self-signed certificate for this host name (made once in
+    /// `data_dir`): development and "insecure endpoint" setups only.
+    pub tls_self_signed: Option<String>,
+    /// Plain-HTTP listener (e.g. `:80`): answers `/generate_204`, redirects
+    /// everything else to https. Needs TLS on `addr`.
+    pub http_addr: Option<String>,
+    /// Addresses/CIDRs of TCP balancers that send a PROXY protocol (v1 or v2)
+    /// header; they must send one, everyone else must not. Empty = off.
+    #[serde(deserialize_with = "list_or_commas")]
+    pub proxy_protocol: Vec<String>,
     // ---- operator settings (issue 13): metrics address, log level, verify URL ----
     /// Serve Prometheus `/metrics` on this address (e.g. `0.0.0.0:9090`,
     /// `:9090`); unset = `metrics_port` on loopback.
@@ -176,6 +191,11 @@ impl Default for Config {
             mesh_queue_depth: 4096,
             mesh_backoff_max: Duration::from_secs(5),
             mesh_watch_max: 200_000,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_self_signed: None,
+            http_addr: None,
+            proxy_protocol: Vec::new(),
             metrics_addr: None,
             log_level: None,
             verify_client_url: None,
@@ -341,6 +361,26 @@ pub struct Flags {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mesh_watch_max: Option<usize>,
+    /// PEM certificate chain to serve TLS with on --addr (reloaded when the file changes).
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for --tls-cert-file.
+    #[arg(long, value_name = "PATH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Serve TLS with a self-signed certificate for HOSTNAME, kept in --data-dir (development only).
+    #[arg(long, value_name = "HOSTNAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_self_signed: Option<String>,
+    /// Plain-HTTP listener, e.g. `:80`: /generate_204 answered, all else redirected to https.
+    #[arg(long, value_name = "ADDR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
+    /// Accept PROXY protocol v1/v2 from these addresses/CIDRs only, e.g. `10.0.0.0/8,fd00::/8`.
+    #[arg(long, value_name = "CIDRS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub proxy_protocol: Vec<String>,
     // ---- operator settings (issue 13) ----
     /// Serve Prometheus metrics on ADDR, e.g. `0.0.0.0:9090` (instead of --metrics-port's loopback).
     #[arg(long, value_name = "ADDR")]
@@ -446,6 +486,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.stun_target()?;
+        self.validate_edge()?;
         match (&self.allowed_keys_file, self.open_relay) {
             (Some(_), true) => {
                 return Err(ConfigError(
@@ -596,19 +637,7 @@ impl Config {
 
     /// The listen address as a socket address (`:PORT` listens on every interface).
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        let a = self.addr.trim();
-        let parsed = if let Some(port) = a.strip_prefix(':') {
-            port.parse::<u16>()
-                .map(|p| SocketAddr::from((Ipv6Addr::UNSPECIFIED, p)))
-                .map_err(|e| e.to_string())
-        } else {
-            a.parse::<SocketAddr>().map_err(|e| e.to_string())
-        };
-        parsed.map_err(|e| {
-            ConfigError(format!(
-                "addr: {a:?} is not a listen address like \":8443\" or \"127.0.0.1:8443\": {e}"
-            ))
-        })
+        parse_listen_setting("addr", self.addr.trim(), ":8443")
     }
 
     /// The STUN address as `host:port` for resolving at start: `:PORT` is
@@ -716,6 +745,75 @@ impl Config {
         Ok(Some(key))
     }
 
+    /// Checks the TLS, port-80 and PROXY protocol settings together.
+    fn validate_edge(&self) -> Result<(), ConfigError> {
+        match (
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.tls_self_signed,
+        ) {
+            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+                return Err(ConfigError(
+                    "tls_self_signed and tls_cert_file/tls_key_file are both set: choose one"
+                        .into(),
+                ));
+            }
+            (Some(_), None, _) => {
+                return Err(ConfigError(
+                    "tls_key_file: missing; tls_cert_file needs the matching private key".into(),
+                ));
+            }
+            (None, Some(_), _) => {
+                return Err(ConfigError(
+                    "tls_cert_file: missing; tls_key_file needs the certificate chain".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(h) = &self.tls_self_signed
+            && (h.trim().is_empty() || h.contains(['/', '\\', ' ', ',']))
+        {
+            return Err(ConfigError(format!(
+                "tls_self_signed: {h:?} is not a host name or IP address"
+            )));
+        }
+        if self.http_listen_addr()?.is_some() && !self.tls_enabled() {
+            return Err(ConfigError(
+                "http_addr: redirects to https, so it needs TLS on addr \
+                 (tls_cert_file + tls_key_file, or tls_self_signed)"
+                    .into(),
+            ));
+        }
+        self.trusted_proxies()?;
+        Ok(())
+    }
+
+    /// Whether `addr` serves TLS itself.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert_file.is_some() || self.tls_self_signed.is_some()
+    }
+
+    /// The plain-HTTP listener's address, if there is one.
+    pub fn http_listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        match self.http_addr.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(a) => parse_listen_setting("http_addr", a, ":80").map(Some),
+        }
+    }
+
+    /// The balancers allowed (and required) to send a PROXY protocol header.
+    pub fn trusted_proxies(&self) -> Result<Vec<Cidr>, ConfigError> {
+        self.proxy_protocol
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<Cidr>()
+                    .map_err(|e| ConfigError(format!("proxy_protocol: {s:?}: {e}")))
+            })
+            .collect()
+    }
+
     pub fn server_key_path(&self) -> PathBuf {
         self.data_dir.join("derp.key")
     }
@@ -800,6 +898,98 @@ fn parse_host_port(s: &str, default_port: u16) -> Result<(String, u16), String> 
         return Err("not a host name".into());
     }
     Ok((host.to_owned(), port))
+}
+
+/// A TCP listen address: `:PORT` means every interface.
+fn parse_listen_setting(name: &str, a: &str, example: &str) -> Result<SocketAddr, ConfigError> {
+    let parsed = if let Some(port) = a.strip_prefix(':') {
+        port.parse::<u16>()
+            .map(|p| SocketAddr::from((Ipv6Addr::UNSPECIFIED, p)))
+            .map_err(|e| e.to_string())
+    } else {
+        a.parse::<SocketAddr>().map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| {
+        ConfigError(format!(
+            "{name}: {a:?} is not a listen address like \"{example}\" or \"127.0.0.1{example}\": {e}"
+        ))
+    })
+}
+
+/// An address block, e.g. `10.0.0.0/8`, `fd00::/8`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is inside; an IPv4-mapped IPv6 address counts as its IPv4 address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, bits) = match s.split_once('/') {
+            Some((a, b)) => (a, Some(b)),
+            None => (s, None),
+        };
+        let net = addr
+            .parse::<IpAddr>()
+            .map_err(|_| "not an IP address or CIDR like 10.0.0.0/8".to_string())?
+            .to_canonical();
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = match bits {
+            None => max,
+            Some(b) => b
+                .parse::<u8>()
+                .ok()
+                .filter(|b| *b <= max)
+                .ok_or_else(|| format!("prefix length must be 0 to {max}"))?,
+        };
+        Ok(Cidr { net, bits })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.bits)
+    }
+}
+
+/// A list setting given as a TOML array or, from the environment, as one
+/// comma-separated string.
+fn list_or_commas<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Text(String),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::List(v) => v,
+        Raw::Text(t) => t
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect(),
+    })
 }
 
 /// Settings applied to the running relay when SIGHUP re-reads the config,
@@ -1156,6 +1346,54 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn edge_settings_checked_together() {
+        let e = |f: Flags| Config::load_from(&f, no_env()).unwrap_err().0;
+        let only_cert = Flags {
+            tls_cert_file: Some("c.pem".into()),
+            ..open()
+        };
+        assert!(e(only_cert).starts_with("tls_key_file:"));
+        let port80 = Flags {
+            http_addr: Some(":80".into()),
+            ..open()
+        };
+        assert!(e(port80).starts_with("http_addr:"));
+        let bad_cidr = Flags {
+            proxy_protocol: vec!["10.0.0.0/33".into()],
+            ..open()
+        };
+        assert!(e(bad_cidr).starts_with("proxy_protocol:"));
+        let ok = Flags {
+            tls_self_signed: Some("localhost".into()),
+            http_addr: Some("127.0.0.1:0".into()),
+            proxy_protocol: vec!["10.0.0.0/8".into(), "::1".into()],
+            ..open()
+        };
+        let c = Config::load_from(&ok, no_env()).unwrap();
+        assert!(c.tls_enabled());
+        let p = c.trusted_proxies().unwrap();
+        assert!(p[0].contains("10.9.8.7".parse().unwrap()));
+        assert!(p[0].contains("::ffff:10.9.8.7".parse().unwrap()));
+        assert!(!p[0].contains("11.0.0.1".parse().unwrap()));
+        assert!(p[1].contains("::1".parse().unwrap()));
+        assert!(!p[1].contains("::2".parse().unwrap()));
+        assert!(
+            "0.0.0.0/0"
+                .parse::<Cidr>()
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn proxy_protocol_from_env_is_a_comma_list() {
+        // SAFETY: only this test uses this prefix.
+        unsafe { std::env::set_var("DERP_RELAY_PPTEST_PROXY_PROTOCOL", "10.0.0.0/8, 192.0.2.1") };
+        let c = Config::load_from(&open(), Env::prefixed("DERP_RELAY_PPTEST_")).unwrap();
+        assert_eq!(c.proxy_protocol, ["10.0.0.0/8", "192.0.2.1"]);
     }
 
     #[test]

@@ -109,6 +109,17 @@ pub struct Metrics {
     pub tofu_write_failures: IntCounter,
     pub tofu_evictions: IntCounterVec,
     pub max_clients: IntGauge,
+    pub tls: TlsCounters,
+}
+
+/// The built-in TLS certificate's figures: when the one served expires, and
+/// how its reloads went (both results exist from the start).
+#[derive(Clone)]
+pub struct TlsCounters {
+    /// Unix time the served certificate's `notAfter`; 0 without TLS.
+    pub cert_expiry: IntGauge,
+    pub reloads_ok: IntCounter,
+    pub reloads_failed: IntCounter,
 }
 
 impl Metrics {
@@ -337,6 +348,21 @@ impl Metrics {
                 "Failed writes of the TOFU bindings file.",
             ),
             max_clients: gauge("derp_max_clients", "The configured client cap (0 = none)."),
+            tls: {
+                let reloads = counter_vec(
+                    "derp_tls_reloads_total",
+                    "Reloads of the TLS certificate files, by result (ok, failed: the old pair stays).",
+                    &["result"],
+                );
+                TlsCounters {
+                    cert_expiry: gauge(
+                        "derp_tls_cert_expiry_timestamp_seconds",
+                        "Unix time at which the served TLS certificate expires (0 = no built-in TLS).",
+                    ),
+                    reloads_ok: reloads.with_label_values(&["ok"]),
+                    reloads_failed: reloads.with_label_values(&["failed"]),
+                }
+            },
             registry,
         }
     }

@@ -74,6 +74,11 @@ pub enum RefuseReason {
     /// ClientInfo carried a well-formed mesh key that is not this region's
     /// (a misconfigured peer, or a guess).
     MeshKey,
+    /// The TLS handshake failed or did not finish within the header timeout.
+    Tls,
+    /// A PROXY protocol header was missing or malformed from a trusted
+    /// balancer, or sent by an address that is not one.
+    ProxyProtocol,
     /// `--verify-client-url` answered `{"Allow":false}`.
     VerifyDenied,
     /// `--verify-client-url` could not be asked (down, slow, malformed
@@ -82,7 +87,7 @@ pub enum RefuseReason {
 }
 
 impl RefuseReason {
-    pub const ALL: [RefuseReason; 11] = [
+    pub const ALL: [RefuseReason; 13] = [
         RefuseReason::BadHandshake,
         RefuseReason::Cap,
         RefuseReason::Acl,
@@ -94,6 +99,8 @@ impl RefuseReason {
         RefuseReason::VerifyDenied,
         RefuseReason::VerifyUnavailable,
         RefuseReason::MeshKey,
+        RefuseReason::Tls,
+        RefuseReason::ProxyProtocol,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -107,6 +114,8 @@ impl RefuseReason {
             RefuseReason::PendingLimit => "pending_limit",
             RefuseReason::Descriptors => "descriptors",
             RefuseReason::MeshKey => "mesh_key",
+            RefuseReason::Tls => "tls",
+            RefuseReason::ProxyProtocol => "proxy_protocol",
             RefuseReason::VerifyDenied => "verify_denied",
             RefuseReason::VerifyUnavailable => "verify_unavailable",
         }

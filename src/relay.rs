@@ -21,6 +21,7 @@ use crate::admission::bindings::{self, Bindings};
 use crate::admission::server_key::load_or_create_key;
 use crate::config::Config;
 use crate::conn::ConnDeps;
+use crate::http::server::{Front, Role};
 use crate::metrics::Metrics;
 use crate::state::Shared;
 
@@ -34,6 +35,7 @@ pub struct Relay {
     stop_accepting: watch::Sender<bool>,
     accept_task: tokio::task::JoinHandle<()>,
     stun: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
+    edge: EdgeTasks,
     fatal: watch::Receiver<Option<String>>,
     _trimmer: crate::memory::Trimmer,
     /// Re-asks the verify URL about connected keys.
@@ -114,8 +116,30 @@ impl Relay {
         .map_err(|e| format!("starting supervisor: {e}"))?;
         let _ = deps.supervisor.set(root.get_cell());
 
+        let tls = match crate::edge::tls::TlsFront::from_config(&shared.config, &shared.metrics.tls)
+        {
+            Ok(t) => t,
+            Err(e) => {
+                root.stop(Some("start failed".into()));
+                return Err(e);
+            }
+        };
         let listener = bind(listen).map_err(|e| format!("addr: cannot listen on {listen}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let port80 = match shared.config.http_listen_addr() {
+            Ok(Some(a)) => match bind(a) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    root.stop(Some("start failed".into()));
+                    return Err(format!("http_addr: cannot listen on {a}: {e}"));
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                root.stop(Some("start failed".into()));
+                return Err(e.0);
+            }
+        };
         let stun_socket = match bind_stun(&shared.config).await {
             Ok(s) => s,
             Err(e) => {
@@ -136,14 +160,50 @@ impl Relay {
             }
             None => None,
         };
-        let accept_task = tokio::spawn(crate::http::server::serve(listener, deps, stop_rx));
+        let mut edge = EdgeTasks::default();
+        let acceptor = tls
+            .as_ref()
+            .map(|t| tokio_rustls::TlsAcceptor::from(t.server_config.clone()));
+        if let Some(t) = tls {
+            match t.watch(shared.metrics.tls.clone(), stop_rx.clone()) {
+                Ok(task) => edge.tls_watch = task,
+                Err(e) => {
+                    root.stop(Some("start failed".into()));
+                    return Err(e);
+                }
+            }
+        }
+        if let Some(l) = port80 {
+            let a = l.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!(http = %a, "plain HTTP listening (generate_204, redirects to https)");
+            let front = Front {
+                listener: l,
+                tls: None,
+                // As derper: https on 443, the DERPPort clients use with port 80,
+                // whatever port the relay listens on behind a port mapping.
+                role: Role::Port80 { https_port: 443 },
+            };
+            let task = tokio::spawn(crate::http::server::serve(
+                front,
+                deps.clone(),
+                stop_rx.clone(),
+            ));
+            edge.port80 = Some((a, task));
+        }
+        let tls_on = acceptor.is_some();
+        let front = Front {
+            listener,
+            tls: acceptor,
+            role: Role::Relay,
+        };
+        let accept_task = tokio::spawn(crate::http::server::serve(front, deps, stop_rx));
         let verify_recheck = tokio::spawn(crate::actors::verify::recheck_loop(
             shared.clone(),
             actors.clone(),
         ));
         let started = loaded.clone();
         let applied = std::sync::Mutex::new(loaded);
-        tracing::info!(%addr, server_key = %shared.secret.public().to_nodekey_hex(), "derp-relay listening");
+        tracing::info!(%addr, tls = tls_on, server_key = %shared.secret.public().to_nodekey_hex(), "derp-relay listening");
         Ok(Relay {
             shared,
             actors,
@@ -152,12 +212,18 @@ impl Relay {
             stop_accepting,
             accept_task,
             stun,
+            edge,
             fatal,
             _trimmer: crate::memory::Trimmer::start(),
             verify_recheck,
             started,
             applied,
         })
+    }
+
+    /// The bound plain-HTTP (`http_addr`) address, if there is one.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.edge.port80.as_ref().map(|(a, _)| *a)
     }
 
     /// Applies a re-read configuration (SIGHUP): every live setting
@@ -271,7 +337,27 @@ impl Relay {
         if let Some((_, task)) = self.stun {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
         }
+        for task in self.edge.tasks() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
         left
+    }
+}
+
+/// The port-80 listener and the certificate watcher, when configured; both
+/// end on the stop-accepting signal.
+#[derive(Default)]
+struct EdgeTasks {
+    port80: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
+    tls_watch: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EdgeTasks {
+    fn tasks(self) -> impl Iterator<Item = tokio::task::JoinHandle<()>> {
+        self.port80
+            .map(|(_, t)| t)
+            .into_iter()
+            .chain(self.tls_watch)
     }
 }
 

@@ -66,6 +66,17 @@ const RULES: &[(&str, &[&str])] = &[
             "limits",
         ],
     ),
+    (
+        "edge",
+        &[
+            "config",
+            "metrics",
+            "protocol",
+            "reasons",
+            "admission",
+            "client",
+        ],
+    ),
     ("client", &["protocol"]),
 ];
 

@@ -19,6 +19,8 @@ const MODELS = {
     "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PodMonitor",
   "monitoring.coreos.com/v1/PrometheusRule":
     "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PrometheusRule",
+  "cert-manager.io/v1/Certificate":
+    "@kubernetes-models/cert-manager/cert-manager.io/v1/Certificate",
 };
 const CORE = /^(v1|(apps|batch|policy|autoscaling|networking\.k8s\.io|rbac\.authorization\.k8s\.io|storage\.k8s\.io)\/[^/]+)$/;
 

@@ -39,8 +39,13 @@ pub struct Args {
     ])]
     from: Option<PathBuf>,
     /// Public DNS name clients connect to with TLS (the certificate's name).
-    #[arg(long, required_unless_present = "from")]
+    #[arg(long, required_unless_present_any = ["from", "tls_self_signed"])]
     hostname: Option<String>,
+    /// The relay's own --tls-self-signed setting (read from the same
+    /// environment variable): the node is this host, marked InsecureForTests.
+    /// Ignored with --from, whose file says per node.
+    #[arg(long, value_name = "HOSTNAME", env = "DERP_RELAY_TLS_SELF_SIGNED")]
+    tls_self_signed: Option<String>,
     /// Region ID; 900-999 are reserved for self-hosted regions.
     #[arg(long, default_value_t = 900, value_parser = clap::value_parser!(u32).range(1..))]
     region_id: u32,
@@ -263,7 +268,15 @@ fn notes(map: &DerpMap) -> Vec<String> {
 }
 
 fn from_flags(a: &Args) -> Result<DerpMap, String> {
-    let host = a.hostname.as_deref().unwrap_or_default().trim();
+    // A self-signed relay's certificate names its --tls-self-signed host, so
+    // that is the name clients must use unless --hostname says otherwise.
+    let self_signed = a.tls_self_signed.as_deref().map(str::trim);
+    let host = a
+        .hostname
+        .as_deref()
+        .or(self_signed)
+        .unwrap_or_default()
+        .trim();
     check_host_name(host).map_err(|e| format!("--hostname {e}"))?;
     for (flag, v) in [
         ("--region-code", &a.region_code),
@@ -289,7 +302,7 @@ fn from_flags(a: &Args) -> Result<DerpMap, String> {
         stun_only: false,
         derp_port: a.port,
         can_port_80: a.can_port_80,
-        insecure_for_tests: a.insecure_for_tests,
+        insecure_for_tests: a.insecure_for_tests || self_signed.is_some(),
     };
     let region = Region {
         region_id: a.region_id,
@@ -612,6 +625,7 @@ mod tests {
         Args {
             from: None,
             hostname: Some(host.into()),
+            tls_self_signed: None,
             region_id: 900,
             region_code: "myrelay".into(),
             region_name: "My Relay".into(),
@@ -625,6 +639,29 @@ mod tests {
             omit_default_regions: false,
             format: Format::Json,
         }
+    }
+
+    #[test]
+    fn self_signed_relay_is_marked_insecure() {
+        let a = Args {
+            hostname: None,
+            tls_self_signed: Some("192.0.2.10".into()),
+            ..args("unused")
+        };
+        let v = serde_json::to_value(from_flags(&a).unwrap()).unwrap();
+        let node = &v["Regions"]["900"]["Nodes"][0];
+        assert_eq!(node["HostName"], "192.0.2.10");
+        assert_eq!(node["InsecureForTests"], true);
+        let named = Args {
+            tls_self_signed: Some("dev.internal".into()),
+            ..args("derp.dev.internal")
+        };
+        let v = serde_json::to_value(from_flags(&named).unwrap()).unwrap();
+        assert_eq!(
+            v["Regions"]["900"]["Nodes"][0]["HostName"],
+            "derp.dev.internal"
+        );
+        assert_eq!(v["Regions"]["900"]["Nodes"][0]["InsecureForTests"], true);
     }
 
     #[test]

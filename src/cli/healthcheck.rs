@@ -24,6 +24,13 @@ pub struct Args {
     /// Give up after this long, e.g. `5s`.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Extra CA certificates (PEM) to trust for https, e.g. a private CA.
+    #[arg(long, value_name = "PATH", conflicts_with = "insecure")]
+    ca_file: Option<std::path::PathBuf>,
+    /// Accept any TLS certificate (a relay on --tls-self-signed, or a check
+    /// against 127.0.0.1 where the certificate names the public host).
+    #[arg(long)]
+    insecure: bool,
 }
 
 /// Where to send the request.
@@ -61,16 +68,23 @@ fn parse_url(text: &str) -> Result<Target, String> {
 pub async fn run(args: Args) -> Result<(), String> {
     let target = parse_url(&args.url)?;
     let started = Instant::now();
-    let (status, reason, body) = tokio::time::timeout(args.timeout, fetch(&target, args.timeout))
-        .await
-        .map_err(|_| {
-            format!(
-                "no answer from {} within {}",
-                args.url,
-                humantime::format_duration(args.timeout)
-            )
-        })?
-        .map_err(|e| e.to_string())?;
+    let tls = match (target.tls, args.insecure, &args.ca_file) {
+        (false, _, _) => None,
+        (true, true, _) => Some(client::insecure_tls_config()?),
+        (true, false, Some(p)) => Some(client::tls_config(&client::load_pem_certs(p)?)?),
+        (true, false, None) => None,
+    };
+    let (status, reason, body) =
+        tokio::time::timeout(args.timeout, fetch(&target, tls, args.timeout))
+            .await
+            .map_err(|_| {
+                format!(
+                    "no answer from {} within {}",
+                    args.url,
+                    humantime::format_duration(args.timeout)
+                )
+            })?
+            .map_err(|e| e.to_string())?;
     let body = body.trim();
     verdict(status, &reason, body)?;
     println!(
@@ -92,9 +106,14 @@ fn verdict(status: u16, reason: &str, body: &str) -> Result<(), String> {
     }
 }
 
-async fn fetch(t: &Target, limit: Duration) -> Result<(u16, String, String), ClientError> {
+async fn fetch(
+    t: &Target,
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
+    limit: Duration,
+) -> Result<(u16, String, String), ClientError> {
     let opts = ConnectOptions {
         connect_timeout: limit,
+        tls,
         ..ConnectOptions::default()
     };
     let mut conn = client::connect_stream(&t.host, t.port, t.tls, &opts).await?;

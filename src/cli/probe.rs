@@ -54,8 +54,11 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
     /// Extra CA certificates (PEM) to trust for https/wss, e.g. a private CA.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "insecure")]
     ca_file: Option<PathBuf>,
+    /// Accept any TLS certificate (a relay on --tls-self-signed); the connection is still encrypted.
+    #[arg(long)]
+    insecure: bool,
     /// Timed round trips after the first packet each way.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     count: u32,
@@ -108,11 +111,15 @@ pub async fn run(a: Args) -> Result<(), String> {
     }
     let mut opts = ConnectOptions::default();
     if url.tls {
-        let extra = match &a.ca_file {
-            Some(p) => client::load_pem_certs(p)?,
-            None => Vec::new(),
-        };
-        opts.tls = Some(client::tls_config(&extra)?);
+        opts.tls = Some(if a.insecure {
+            client::insecure_tls_config()?
+        } else {
+            let extra = match &a.ca_file {
+                Some(p) => client::load_pem_certs(p)?,
+                None => Vec::new(),
+            };
+            client::tls_config(&extra)?
+        });
     }
     let deadline = Deadline {
         at: tokio::time::Instant::now() + a.timeout,

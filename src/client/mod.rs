@@ -26,8 +26,8 @@ pub use self::error::ClientError;
 pub use self::frames::{FrameReader, FrameWriter, WRITE_STALL};
 pub use self::handshake::{Client, Handshake, connect, handshake};
 pub use self::net::{
-    Conn, ConnectOptions, connect_stream, connect_stream_via, connect_tcp, load_pem_certs,
-    tls_config, tls_config_insecure,
+    Conn, ConnectOptions, connect_stream, connect_stream_via, connect_tcp, insecure_tls_config,
+    load_pem_certs, tls_config,
 };
 pub use self::upgrade::{ResponseHead, open, open_via, parse_response_head, read_response_head};
 pub use self::url::{RelayUrl, authority};

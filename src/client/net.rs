@@ -71,27 +71,28 @@ pub fn tls_config(extra_roots: &[CertificateDer<'static>]) -> Result<Arc<ClientC
     Ok(Arc::new(config))
 }
 
-/// TLS client settings that accept any certificate: for mesh peers with
-/// self-signed certificates (`--mesh-tls-insecure`), where the mesh key, not
-/// the certificate, is what proves a peer.
-pub fn tls_config_insecure() -> Result<Arc<ClientConfig>, String> {
+/// TLS client settings that accept any certificate: `--insecure`, for a relay
+/// serving `--tls-self-signed` (what Tailscale's `InsecureForTests` does).
+/// The handshake's signatures are still checked, so the session is encrypted
+/// to whoever holds the key the certificate names; only who that is goes
+/// unverified.
+pub fn insecure_tls_config() -> Result<Arc<ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider.clone())
+    let verifier = Arc::new(AnyCertificate(provider.clone()));
+    let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
-/// Accepts every certificate, but still checks the handshake signatures (so
-/// the session is with whoever holds the certificate's key).
 #[derive(Debug)]
-struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
 
-impl rustls::client::danger::ServerCertVerifier for AnyCert {
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
         &self,
         _end_entity: &CertificateDer<'_>,

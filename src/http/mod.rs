@@ -1,7 +1,10 @@
-//! The HTTP front: our own accept loop (header timeout, stop-accepting) serving
-//! warp routes, including the two upgrades on `/derp`.
+//! The HTTP front: our own accept loop (PROXY header, TLS, header timeout,
+//! stop-accepting) serving warp routes, including the two upgrades on
+//! `/derp`, and the optional plain port-80 listener.
 
 pub mod client_addr;
+pub mod port80;
+pub mod proxy_protocol;
 pub mod rate_limit;
 pub mod reply;
 pub mod routes;

@@ -78,7 +78,7 @@ fn probe(method: Method) -> Response {
 }
 
 /// Captive portal detection, with Tailscale's challenge/response header.
-fn generate_204(headers: HeaderMap) -> Response {
+pub(super) fn generate_204(headers: HeaderMap) -> Response {
     let mut r = Response::new("".into());
     *r.status_mut() = StatusCode::NO_CONTENT;
     r.headers_mut().insert(

@@ -2,24 +2,35 @@
 //! the header read timeout, the per-address rate limit and the per-address
 //! bound on unauthenticated connections apply to every request before routing,
 //! where running out of descriptors is handled, and where "stop accepting"
-//! happens on shutdown.
+//! happens on shutdown. It is also where a connection becomes HTTP: the
+//! PROXY protocol header (from a trusted balancer) and the TLS handshake come
+//! first, inside the same header timeout and pending limit as the request.
 
+use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, StatusCode};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::timeout_at;
+use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
+use warp::reply::Response;
 
 use super::PeerAddr;
 use super::client_addr::{ClientIpSource, FrontGate, PendingCell, PendingLimit, bucket};
+use super::proxy_protocol::{self, Prefixed, ProxyRefusal, TrustedProxies};
 use super::rate_limit::{IpRateLimit, SWEEP_EVERY};
 use crate::conn::ConnDeps;
+use crate::conn::read_ahead::ReadAhead;
 use crate::reasons::RefuseReason;
 use crate::state::Shared;
 
@@ -29,21 +40,65 @@ const MAX_REQUEST_HEAD: usize = 16 << 10;
 /// At most one "out of descriptors" log line per this long.
 const EMFILE_LOG_EVERY: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: TcpListener, deps: Arc<ConnDeps>, mut stop: watch::Receiver<bool>) {
-    let shared = deps.state.clone();
-    let cfg = &shared.config;
+/// One listener and what it serves.
+pub struct Front {
+    pub listener: TcpListener,
+    /// TLS on this listener, with the certificate slot behind it.
+    pub tls: Option<TlsAcceptor>,
+    pub role: Role,
+}
+
+/// What a listener answers.
+#[derive(Debug, Clone, Copy)]
+pub enum Role {
+    /// `/derp` and every other endpoint.
+    Relay,
+    /// The plain-HTTP port: `/generate_204` answered (captive-portal checks,
+    /// `CanPort80`), everything else redirected to https on this port.
+    Port80 { https_port: u16 },
+}
+
+pub async fn serve(front: Front, deps: Arc<ConnDeps>, stop: watch::Receiver<bool>) {
+    let cfg = &deps.state.config;
     let source = ClientIpSource::choose(
         cfg.trust_proxy,
         cfg.client_ip_header.as_deref(),
         ClientIpSource::on_fly(),
     );
-    tracing::info!(client_address = %source.describe(), "client address source");
     let gate = Arc::new(FrontGate {
         source,
         pending: PendingLimit::new(cfg.max_pending_per_ip, cfg.ipv6_prefix),
     });
-    let routes = super::routes::routes(deps.clone(), gate.clone());
-    let svc = warp::service(routes);
+    match front.role {
+        Role::Relay => {
+            tracing::info!(client_address = %gate.source.describe(), "client address source");
+            let routes = super::routes::routes(deps.clone(), gate.clone());
+            accept_loop(front, warp::service(routes), deps, gate, stop).await
+        }
+        Role::Port80 { https_port } => {
+            let svc = super::port80::Port80 { https_port };
+            accept_loop(front, svc, deps, gate, stop).await
+        }
+    }
+}
+
+async fn accept_loop<S>(
+    front: Front,
+    svc: S,
+    deps: Arc<ConnDeps>,
+    gate: Arc<FrontGate>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: Service<hyper::Request<hyper::body::Incoming>, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let Front { listener, tls, .. } = front;
+    let shared = deps.state.clone();
+    let cfg = &shared.config;
     let live = shared.live();
     let limit = Arc::new(IpRateLimit::new(live.rate_limit, live.rate_burst));
     let sweeper = {
@@ -66,8 +121,14 @@ pub async fn serve(listener: TcpListener, deps: Arc<ConnDeps>, mut stop: watch::
             }
         })
     };
-    let v6_prefix = cfg.ipv6_prefix;
-    let header_timeout = cfg.header_timeout;
+    // Validated at start; an empty list turns the PROXY protocol off.
+    let trusted = Arc::new(TrustedProxies::new(
+        cfg.trusted_proxies().unwrap_or_default(),
+    ));
+    let conn_cfg = ConnSettings {
+        v6_prefix: cfg.ipv6_prefix,
+        header_timeout: cfg.header_timeout,
+    };
     let mut spare = SpareFd::open();
     let mut emfile = EmfileLog::default();
     loop {
@@ -98,70 +159,258 @@ pub async fn serve(listener: TcpListener, deps: Arc<ConnDeps>, mut stop: watch::
         };
         let _ = stream.set_nodelay(true);
         // Without a trusted proxy the TCP peer is the client: it is counted as
-        // pending from its first byte, so connections that never send a request
-        // count too. Behind a proxy the client is known only from the request.
-        let cell = if gate.source == ClientIpSource::Peer {
+        // pending from its first byte, so connections that never send a
+        // request (or never start TLS) count too. Taken here, in accept
+        // order, not in the connection's task. A balancer's client is known
+        // only from its PROXY header; behind an HTTP proxy, only from the request.
+        let mut cell = PendingCell::default();
+        if gate.source == ClientIpSource::Peer && !trusted.trusts(peer.ip()) {
             match gate.pending.try_acquire(peer.ip()) {
-                Some(g) => PendingCell::new(g),
+                Some(g) => cell = PendingCell::new(g),
                 None => {
                     shared.metrics.refused(RefuseReason::PendingLimit);
-                    tokio::spawn(refuse_raw(
-                        stream,
-                        "429 Too Many Requests",
-                        "too many unauthenticated connections from your address\n",
-                    ));
+                    if tls.is_none() {
+                        tokio::spawn(refuse_raw(
+                            stream,
+                            "429 Too Many Requests",
+                            "too many unauthenticated connections from your address\n",
+                        ));
+                    }
                     continue;
                 }
             }
-        } else {
-            PendingCell::default()
+        }
+        let conn = Accepted {
+            svc: svc.clone(),
+            limit: limit.clone(),
+            shared: shared.clone(),
+            gate: gate.clone(),
+            trusted: trusted.clone(),
+            tls: tls.clone(),
+            cfg: conn_cfg,
         };
-        let svc = svc.clone();
-        let limit = limit.clone();
-        let shared = shared.clone();
-        let gate = gate.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    let ip = gate.source.client_ip(peer.ip(), req.headers());
-                    // Mesh peers reconnect on their own backoff; a region's
-                    // links must not be rate limited into a partition.
-                    let limited = if shared.clients.remote.is_peer_ip(&ip) {
-                        None
-                    } else {
-                        limit.check(bucket(ip, v6_prefix)).err()
-                    };
-                    if limited.is_some() {
-                        shared.metrics.refused(RefuseReason::RateLimit);
-                    }
-                    req.extensions_mut()
-                        .insert(PeerAddr(SocketAddr::new(ip, peer.port())));
-                    req.extensions_mut().insert(cell.clone());
-                    let mut s = svc.clone();
-                    let routed = limited.is_none().then(|| s.call(req));
-                    async move {
-                        match (routed, limited) {
-                            (Some(fut), _) => fut.await,
-                            (None, wait) => {
-                                Ok(too_many_requests(wait.unwrap_or(Duration::from_secs(1))))
-                            }
-                        }
-                    }
-                },
-            );
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(MAX_REQUEST_HEAD)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "http connection ended with error");
-            }
-        });
+        tokio::spawn(conn.run(stream, peer, cell));
     }
     sweeper.abort();
     tracing::info!("stopped accepting connections");
+}
+
+#[derive(Clone, Copy)]
+struct ConnSettings {
+    v6_prefix: u8,
+    header_timeout: Duration,
+}
+
+/// One accepted TCP connection and what it is checked against.
+struct Accepted<S> {
+    svc: S,
+    limit: Arc<IpRateLimit>,
+    shared: Arc<Shared>,
+    gate: Arc<FrontGate>,
+    trusted: Arc<TrustedProxies>,
+    tls: Option<TlsAcceptor>,
+    cfg: ConnSettings,
+}
+
+impl<S> Accepted<S>
+where
+    S: Service<hyper::Request<hyper::body::Incoming>, Response = Response, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    /// PROXY header, pending slot, TLS, then HTTP. One deadline, the header
+    /// timeout from accept, covers the PROXY header, the TLS handshake and
+    /// the first request head: a stranger who stalls at any step is cut off
+    /// as one who stalls in HTTP is.
+    async fn run(self, stream: TcpStream, peer: SocketAddr, mut cell: PendingCell) {
+        let deadline = tokio::time::Instant::now() + self.cfg.header_timeout;
+        let metrics = &self.shared.metrics;
+        let from_balancer = self.trusted.trusts(peer.ip());
+        let (io, client) = match timeout_at(
+            deadline,
+            proxy_protocol::accept(stream, peer, &self.trusted),
+        )
+        .await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                if !matches!(e, ProxyRefusal::Io { .. }) {
+                    metrics.refused(RefuseReason::ProxyProtocol);
+                }
+                tracing::debug!(error = %e, "connection refused before HTTP");
+                return;
+            }
+            Err(_) => {
+                metrics.refused(RefuseReason::ProxyProtocol);
+                tracing::debug!(%peer, "no PROXY header within the header timeout");
+                return;
+            }
+        };
+        let client = SocketAddr::new(client.ip().to_canonical(), client.port());
+        if from_balancer && self.gate.source == ClientIpSource::Peer {
+            match self.gate.pending.try_acquire(client.ip()) {
+                Some(g) => cell = PendingCell::new(g),
+                None => return self.refuse_pending(io).await,
+            }
+        }
+        let io = match &self.tls {
+            None => FrontIo::Plain(io),
+            // rustls reads the socket 4 KiB at a time; on a busy connection
+            // ReadAhead turns that into one large read per many records, and
+            // an idle one holds no buffer.
+            Some(acceptor) => match timeout_at(deadline, acceptor.accept(ReadAhead::new(io))).await
+            {
+                Ok(Ok(s)) => FrontIo::Tls(Box::new(s)),
+                Ok(Err(e)) => {
+                    metrics.refused(RefuseReason::Tls);
+                    tracing::debug!(%client, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics.refused(RefuseReason::Tls);
+                    tracing::debug!(%client, "TLS handshake not done within the header timeout");
+                    return;
+                }
+            },
+        };
+        let head_timeout = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(1));
+        self.serve_http(io, client, cell, head_timeout).await;
+    }
+
+    async fn refuse_pending<W: AsyncWrite + Unpin>(&self, io: W) {
+        self.shared.metrics.refused(RefuseReason::PendingLimit);
+        // Plain text would only confuse a TLS client: it just sees the close.
+        if self.tls.is_none() {
+            refuse_raw(
+                io,
+                "429 Too Many Requests",
+                "too many unauthenticated connections from your address\n",
+            )
+            .await;
+        }
+    }
+
+    async fn serve_http(
+        self,
+        io: FrontIo,
+        client: SocketAddr,
+        cell: PendingCell,
+        head_timeout: Duration,
+    ) {
+        let Accepted {
+            svc,
+            limit,
+            shared,
+            gate,
+            cfg,
+            ..
+        } = self;
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                let ip = gate.source.client_ip(client.ip(), req.headers());
+                // Mesh peers reconnect on their own backoff; a region's
+                // links must not be rate limited into a partition.
+                let limited = if shared.clients.remote.is_peer_ip(&ip) {
+                    None
+                } else {
+                    limit.check(bucket(ip, cfg.v6_prefix)).err()
+                };
+                if limited.is_some() {
+                    shared.metrics.refused(RefuseReason::RateLimit);
+                }
+                req.extensions_mut()
+                    .insert(PeerAddr(SocketAddr::new(ip, client.port())));
+                req.extensions_mut().insert(cell.clone());
+                let mut s = svc.clone();
+                let routed = limited.is_none().then(|| s.call(req));
+                async move {
+                    match (routed, limited) {
+                        (Some(fut), _) => fut.await,
+                        (None, wait) => {
+                            Ok(too_many_requests(wait.unwrap_or(Duration::from_secs(1))))
+                        }
+                    }
+                }
+            });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(head_timeout)
+            .max_buf_size(MAX_REQUEST_HEAD)
+            .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades();
+        if let Err(e) = conn.await {
+            tracing::debug!(%client, error = %e, "http connection ended with error");
+        }
+    }
+}
+
+/// A served connection: plain or TLS, over the (possibly prefixed) TCP stream.
+enum FrontIo {
+    Plain(Prefixed),
+    Tls(Box<tokio_rustls::server::TlsStream<ReadAhead<Prefixed>>>),
+}
+
+impl AsyncRead for FrontIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            FrontIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for FrontIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            FrontIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            FrontIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            FrontIo::Plain(s) => s.is_write_vectored(),
+            FrontIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            FrontIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            FrontIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 fn is_out_of_descriptors(e: &std::io::Error) -> bool {
@@ -206,7 +455,7 @@ impl EmfileLog {
 }
 
 /// Answers a connection we will not serve with a minimal HTTP response, then closes it.
-async fn refuse_raw(mut s: TcpStream, status: &str, body: &str) {
+async fn refuse_raw<W: AsyncWrite + Unpin>(mut s: W, status: &str, body: &str) {
     let msg = format!(
         "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
         body.len()
@@ -218,7 +467,7 @@ async fn refuse_raw(mut s: TcpStream, status: &str, body: &str) {
     .await;
 }
 
-fn too_many_requests(wait: Duration) -> warp::reply::Response {
+fn too_many_requests(wait: Duration) -> Response {
     let mut r = super::reply::text(
         StatusCode::TOO_MANY_REQUESTS,
         "too many requests from your address\n",

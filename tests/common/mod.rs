@@ -139,16 +139,27 @@ pub async fn derp_upgrade_from(
 /// A WebSocket (`derp` subprotocol) as a byte stream: each write is one binary
 /// message, reads flatten messages. This is the adapter that lets `ts_derp`
 /// run over WebSocket.
-pub struct WsIo {
-    ws: WebSocketStream<TcpStream>,
+pub struct WsIo<S = TcpStream> {
+    ws: WebSocketStream<S>,
     pending: Bytes,
 }
 
 pub async fn ws_connect(addr: SocketAddr) -> io::Result<WsIo> {
     let tcp = tcp_from(next_source_ip(), addr).await?;
+    ws_over(tcp, &format!("ws://{addr}/derp"), &addr.to_string()).await
+}
+
+/// The WebSocket upgrade (`derp` subprotocol) over a stream the caller
+/// opened: TCP, or TLS for `wss://`.
+pub async fn ws_over<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    url: &str,
+    host: &str,
+) -> io::Result<WsIo<S>> {
+    let tcp = stream;
     let req = http::Request::builder()
-        .uri(format!("ws://{addr}/derp"))
-        .header("Host", addr.to_string())
+        .uri(url)
+        .header("Host", host)
         .header("Connection", "Upgrade")
         .header("Upgrade", "websocket")
         .header("Sec-WebSocket-Version", "13")
@@ -175,7 +186,7 @@ pub async fn ws_connect(addr: SocketAddr) -> io::Result<WsIo> {
     })
 }
 
-impl WsIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
     /// The next WebSocket close frame's code, skipping data (for shutdown tests).
     pub async fn close_code(&mut self) -> Option<u16> {
         use futures_util::StreamExt;
@@ -190,12 +201,12 @@ impl WsIo {
         None
     }
 
-    pub fn inner(&mut self) -> &mut WebSocketStream<TcpStream> {
+    pub fn inner(&mut self) -> &mut WebSocketStream<S> {
         &mut self.ws
     }
 }
 
-impl AsyncRead for WsIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -218,7 +229,7 @@ impl AsyncRead for WsIo {
     }
 }
 
-impl AsyncWrite for WsIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -58,7 +58,7 @@ impl LinkCtx {
         let tls = match (c.mesh_tls, c.mesh_tls_insecure) {
             (false, _) => None,
             (true, false) => Some(client::tls_config(&[])?),
-            (true, true) => Some(client::tls_config_insecure()?),
+            (true, true) => Some(client::insecure_tls_config()?),
         };
         let bind = c
             .listen_addr()

@@ -28,6 +28,7 @@ use crate::idle::idle;
 use crate::load::{BenchUrl, LoadArgs, Target, check_load, run_load};
 use crate::mesh::{MeshArgs, mesh_bench};
 use crate::stun::stun_flood;
+use crate::tls::{TlsArgs, tls_bench};
 use crate::tofu::{TofuArgs, tofu_bench};
 
 /// `println!` that ignores a closed stdout (e.g. piped into `head`) rather
@@ -44,6 +45,7 @@ mod idle;
 mod load;
 mod mesh;
 mod stun;
+mod tls;
 mod tofu;
 
 #[derive(Parser)]
@@ -127,6 +129,9 @@ enum Mode {
     /// Same-node against cross-node pairs on meshed relays it starts (both
     /// transports, throughput and paced latency), then a joining node's key flood.
     Mesh(MeshArgs),
+    /// Built-in TLS beside plain HTTP, both transports, in alternating rounds
+    /// against two relays it starts (one plain, one --tls-self-signed).
+    Tls(TlsArgs),
     /// The baseline forwarder itself; prints `listening on ADDR` first.
     ForwardServer {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -188,6 +193,7 @@ fn time_budget(mode: &Mode) -> Option<Duration> {
         Mode::Mesh(a) => {
             180.0 + a.flood_keys as f64 / 50.0 + per_run(&a.load) * 8.0 * a.rounds.max(1) as f64
         }
+        Mode::Tls(a) => 60.0 + per_run(&a.load) * 4.0 * a.rounds.max(1) as f64,
         Mode::ForwardServer { .. } => return None,
     };
     Some(Duration::from_secs_f64(secs))
@@ -234,6 +240,7 @@ async fn run(mode: Mode) -> Result<()> {
         } => stun_flood(addr, sockets.max(1), window.max(1), duration, rounds.max(1)).await?,
         Mode::Tofu(args) => tofu_bench(args).await?,
         Mode::Mesh(args) => mesh_bench(args).await?,
+        Mode::Tls(args) => tls_bench(args).await?,
         Mode::ForwardServer {
             addr,
             exit_on_stdin_eof,

@@ -68,6 +68,44 @@ pub(crate) mod tempfile_dir {
     }
 }
 
+/// Starts `relay` with `args` and waits for the address it listens on (from
+/// its log, which keeps being drained so the relay never blocks on the pipe).
+pub(crate) async fn spawn_relay(
+    relay: &std::path::Path,
+    args: &[std::ffi::OsString],
+) -> Result<(Child, SocketAddr)> {
+    let mut child = Command::new(relay)
+        .args(args)
+        .env("RUST_LOG", "warn,derp_relay::relay=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", relay.display()))?;
+    let stderr = child.stderr.take().context("relay stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if !sent && let Some(i) = line.find("addr=") {
+                let rest = &line[i + 5..];
+                let end = rest.find(' ').unwrap_or(rest.len());
+                if let Ok(a) = rest[..end].parse::<SocketAddr>() {
+                    let _ = tx.send(a);
+                    sent = true;
+                }
+            }
+        }
+    });
+    let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+        .await?
+        .context("relay did not print its listen address")?;
+    Ok((child, addr))
+}
+
 /// Cheap distinct filler keys (any 32 bytes are a valid binding key).
 pub(crate) fn filler_key(i: u64) -> PublicKey {
     let mut k = [0u8; KEY_LEN];
@@ -105,51 +143,25 @@ pub(crate) async fn start_tofu_relay(
     }
     b.write_atomic(&path).context("writing bindings")?;
     let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-    let mut child = Command::new(relay)
-        .args([
-            "--open-relay",
-            "--tofu-lock",
-            "--rate-limit",
-            "0",
-            "--max-pending-per-ip",
-            "0",
-            "--max-clients",
-            "0",
-            "--tofu-max-bindings",
-            "0",
-            "--addr",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .env("RUST_LOG", "warn,derp_relay::relay=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", relay.display()))?;
-    let stderr = child.stderr.take().context("relay stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keep draining the log so the relay never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if !sent && let Some(i) = line.find("addr=") {
-                let rest = &line[i + 5..];
-                let end = rest.find(' ').unwrap_or(rest.len());
-                if let Ok(a) = rest[..end].parse::<SocketAddr>() {
-                    let _ = tx.send(a);
-                    sent = true;
-                }
-            }
-        }
-    });
-    let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-        .await?
-        .context("relay did not print its listen address")?;
+    let mut args: Vec<std::ffi::OsString> = [
+        "--open-relay",
+        "--tofu-lock",
+        "--rate-limit",
+        "0",
+        "--max-pending-per-ip",
+        "0",
+        "--max-clients",
+        "0",
+        "--tofu-max-bindings",
+        "0",
+        "--addr",
+        "127.0.0.1:0",
+        "--data-dir",
+    ]
+    .map(Into::into)
+    .to_vec();
+    args.push(dir.path().into());
+    let (child, addr) = spawn_relay(relay, &args).await?;
     out!(
         "relay with {total} bindings ({:.1} MB snapshot) listening on {addr}",
         size as f64 / 1e6
