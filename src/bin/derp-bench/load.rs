@@ -285,7 +285,17 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
 }
 
 pub(crate) async fn run_load(target: &Target, load: &LoadArgs) -> Result<RunResult> {
-    let label = target.label();
+    run_load_between(target, target, load, target.label()).await
+}
+
+/// `run_load` with senders on one target and receivers on another: the mesh
+/// bench puts them on different nodes of a region.
+pub(crate) async fn run_load_between(
+    target: &Target,
+    recv_target: &Target,
+    load: &LoadArgs,
+    label: String,
+) -> Result<RunResult> {
     // Pair ids only need to be unique within one forwarder's lifetime; the time
     // seed keeps two bench processes sharing a `--addr` forwarder apart.
     let seed = std::time::SystemTime::now()
@@ -297,7 +307,7 @@ pub(crate) async fn run_load(target: &Target, load: &LoadArgs) -> Result<RunResu
 
     let receivers = futures_util::future::try_join_all(
         ids.iter()
-            .map(|&id| open_endpoint(target, ROLE_RECEIVER, id)),
+            .map(|&id| open_endpoint(recv_target, ROLE_RECEIVER, id)),
     )
     .await
     .with_context(|| format!("{label}: opening receivers"))?;

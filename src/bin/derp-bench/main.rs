@@ -27,6 +27,7 @@ use crate::compare::{compare, print_throughput_table};
 use crate::forwarder::{ForwarderChild, forward_server};
 use crate::idle::idle;
 use crate::load::{BenchUrl, LoadArgs, Target, check_load, run_load};
+use crate::mesh::{MeshArgs, mesh_bench};
 use crate::storm::{StormArgs, storm};
 use crate::stun::stun_flood;
 use crate::tls::{TlsArgs, tls_bench};
@@ -45,6 +46,7 @@ mod compare;
 mod forwarder;
 mod idle;
 mod load;
+mod mesh;
 mod storm;
 mod stun;
 mod tls;
@@ -128,6 +130,9 @@ enum Mode {
     /// Admission latency and relayed-packet p99 while bound keys reconnect,
     /// against two relays it starts: one with a large bindings file, one small.
     Tofu(TofuArgs),
+    /// Same-node against cross-node pairs on meshed relays it starts (both
+    /// transports, throughput and paced latency), then a joining node's key flood.
+    Mesh(MeshArgs),
     /// Built-in TLS beside plain HTTP, both transports, in alternating rounds
     /// against two relays it starts (one plain, one --tls-self-signed).
     Tls(TlsArgs),
@@ -194,6 +199,10 @@ fn time_budget(mode: &Mode) -> Option<Duration> {
             duration, rounds, ..
         } => duration.max(0.0) * *rounds as f64 + 30.0,
         Mode::Tofu(a) => 120.0 + (a.duration.max(0.0) + 20.0) * 2.0 * a.rounds.max(1) as f64,
+        // Four runs per transport per round, plus start-up and the flood.
+        Mode::Mesh(a) => {
+            180.0 + a.flood_keys as f64 / 50.0 + per_run(&a.load) * 8.0 * a.rounds.max(1) as f64
+        }
         Mode::Tls(a) => 60.0 + per_run(&a.load) * 4.0 * a.rounds.max(1) as f64,
         Mode::Bandwidth(a) => a.time_budget(),
         Mode::Storm(a) => a.time_budget(),
@@ -242,6 +251,7 @@ async fn run(mode: Mode) -> Result<()> {
             rounds,
         } => stun_flood(addr, sockets.max(1), window.max(1), duration, rounds.max(1)).await?,
         Mode::Tofu(args) => tofu_bench(args).await?,
+        Mode::Mesh(args) => mesh_bench(args).await?,
         Mode::Tls(args) => tls_bench(args).await?,
         Mode::Bandwidth(args) => bandwidth(args).await?,
         Mode::Storm(args) => storm(args).await?,
