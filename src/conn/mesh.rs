@@ -50,7 +50,27 @@ pub(super) fn handle(
     Ok(())
 }
 
-fn forward_in(
+/// Counts a forwarded packet the reader queued itself (the batched path in
+/// `conn::reader`) and keeps the receiver bookkeeping for region-wide PeerGone.
+pub(super) fn forwarded_in(
+    via: PublicKey,
+    src: PublicKey,
+    dst: PublicKey,
+    conn: u64,
+    len: u64,
+    deps: &ConnDeps,
+    st: &mut MeshIn,
+) {
+    let shared = &deps.state;
+    shared.metrics.mesh.packets_in.inc();
+    shared.metrics.mesh.bytes_in.inc_by(len);
+    if st.last != Some((src, dst, conn)) {
+        shared.clients.remote.note_receiver(&src, via, dst, conn);
+        st.last = Some((src, dst, conn));
+    }
+}
+
+pub(super) fn forward_in(
     via: PublicKey,
     src: PublicKey,
     dst: PublicKey,

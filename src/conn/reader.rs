@@ -164,15 +164,27 @@ async fn read_frames(
                         Ok(r) => Some(r),
                         // Not a local key: the table's own route forwards to
                         // a mesh peer that has it, or reports unknown_dest.
-                        Err(packet) => Some(match shared.clients.route(src, &dst, packet, disco) {
-                            Ok((id, head_drop)) => {
-                                if let Some(r) = head_drop {
-                                    m.dropped(r).inc();
+                        // A full link queue is handled as a full local one
+                        // below: let its writer drain before evicting.
+                        Err(packet) => {
+                            Some(match shared.clients.remote.try_forward(src, &dst, packet) {
+                                Ok(Ok(())) => (0, Ok(())),
+                                Ok(Err(Some(packet))) => (0, Err((DropReason::QueueHead, packet))),
+                                Ok(Err(None)) => {
+                                    (0, Err((DropReason::MeshQueue, bytes::Bytes::new())))
                                 }
-                                (id, Ok(()))
-                            }
-                            Err(r) => (0, Err((r, bytes::Bytes::new()))),
-                        }),
+                                Err(packet) => match shared.clients.route(src, &dst, packet, disco)
+                                {
+                                    Ok((id, head_drop)) => {
+                                        if let Some(r) = head_drop {
+                                            m.dropped(r).inc();
+                                        }
+                                        (id, Ok(()))
+                                    }
+                                    Err(r) => (0, Err((r, bytes::Bytes::new()))),
+                                },
+                            })
+                        }
                     };
                     if let Some((_, Err((DropReason::QueueHead, packet)))) = routed_to {
                         // Full: let its writer drain what this read queued
@@ -232,6 +244,42 @@ async fn read_frames(
                     }
                 }
                 ClientFrame::Pong(_) | ClientFrame::Unknown(_) => {}
+                // One mesh link carries a whole region's traffic for this
+                // node's clients: batch it like SendPacket (quiet pushes, one
+                // wake per writer per read, let a full writer drain before
+                // evicting), or one read's packets overflow the queues.
+                ClientFrame::ForwardPacket { src, dst, packet } if h.is_mesh_peer() => {
+                    let len = packet.len() as u64;
+                    let disco = frame::is_disco(&packet);
+                    let queued = shared.clients.with_active(&dst, packet, |d, p| {
+                        let r = d.queue.try_push_packet(src, p, disco);
+                        if !matches!(r, Err((DropReason::GoneDisconnected, _))) {
+                            wakes.add(d);
+                        }
+                        (d.conn_id, r)
+                    });
+                    let via = h.key;
+                    match queued {
+                        Ok((id, Ok(()))) => {
+                            super::mesh::forwarded_in(via, src, dst, id, len, deps, &mut mesh_in);
+                        }
+                        Ok((_, Err((DropReason::QueueHead, packet)))) => {
+                            wakes.wake_all();
+                            // Boxed, as route_after_yield, so idle readers do
+                            // not carry this arm's locals.
+                            Box::pin(async {
+                                tokio::task::yield_now().await;
+                                super::mesh::forward_in(via, src, dst, packet, deps, &mut mesh_in);
+                            })
+                            .await;
+                        }
+                        Ok((_, Err((r, _)))) => m.dropped(r).inc(),
+                        // Not local: the one-hop path counts it as not here.
+                        Err(packet) => {
+                            super::mesh::forward_in(via, src, dst, packet, deps, &mut mesh_in);
+                        }
+                    }
+                }
                 // Mesh peers only; anyone else is closed (see conn::mesh).
                 f @ (ClientFrame::WatchConns
                 | ClientFrame::ClosePeer(_)
@@ -244,7 +292,7 @@ async fn read_frames(
         }
         m.packets_routed.inc_by(routed);
         m.bytes_received.inc_by(received);
-        if wakes.wake_all() && routed > 1 {
+        if wakes.wake_all() && (routed > 1 || h.is_mesh_peer()) {
             // Let the writers just woken (in this worker's run queue) write
             // this read's batch before the next read adds to it.
             tokio::task::yield_now().await;

@@ -139,6 +139,24 @@ impl ForwardQueue {
         Ok(evicted.then_some(DropReason::MeshQueue))
     }
 
+    /// Queues a packet without evicting: a full queue hands the data back
+    /// (`Err(Some)`) so the sender's reader can let the link writer drain
+    /// first; a link that is down drops it (`Err(None)`).
+    pub fn try_push(&self, f: Forward) -> Result<(), Option<Bytes>> {
+        {
+            let mut g = self.lock();
+            if !g.open {
+                return Err(None);
+            }
+            if g.pending.len() >= self.depth {
+                return Err(Some(f.2));
+            }
+            g.pending.push_back(f);
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
     /// Starts accepting packets (the link is up).
     pub fn open(&self) {
         self.lock().open = true;
@@ -221,6 +239,20 @@ impl RemoteKeys {
         let slot = self.map.get(dst)?;
         let link = slot.links.first()?;
         Some(link.queue.push((src, *dst, data)))
+    }
+
+    /// [`Self::forward`] without evicting; see [`ForwardQueue::try_push`].
+    /// `Err` hands the data back when no peer has `dst`.
+    pub fn try_forward(
+        &self,
+        src: PublicKey,
+        dst: &PublicKey,
+        data: Bytes,
+    ) -> Result<Result<(), Option<Bytes>>, Bytes> {
+        match self.map.get(dst).and_then(|s| s.links.first().cloned()) {
+            Some(link) => Ok(link.queue.try_push((src, *dst, data))),
+            None => Err(data),
+        }
     }
 
     /// Distinct keys reachable through peers.
