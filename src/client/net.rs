@@ -7,12 +7,11 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::either::Either;
+
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
@@ -214,51 +213,8 @@ async fn connect_one(addr: SocketAddr, opts: &ConnectOptions) -> Result<TcpStrea
     Ok(stream)
 }
 
-/// A connection to the relay, TLS or not.
-pub enum Conn {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// A connection to the relay: plain TCP (`Left`) or TLS (`Right`).
+pub type Conn = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// TCP connect, then TLS if `tls` (SNI and certificate check against `host`).
 pub async fn connect_stream(
@@ -281,7 +237,7 @@ pub async fn connect_stream_via(
 ) -> Result<Conn, ClientError> {
     let tcp = connect_tcp(dial, port, opts).await?;
     if !tls {
-        return Ok(Conn::Plain(tcp));
+        return Ok(Either::Left(tcp));
     }
     let tls_err = |why: String| ClientError::Tls {
         host: authority(host, port),
@@ -297,5 +253,5 @@ pub async fn connect_stream_via(
         .connect(name, tcp)
         .await
         .map_err(|e| tls_err(e.to_string()))?;
-    Ok(Conn::Tls(Box::new(stream)))
+    Ok(Either::Right(Box::new(stream)))
 }

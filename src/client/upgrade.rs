@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::timeout;
 use tokio_tungstenite::client_async;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_util::either::Either;
 
 use super::error::{ClientError, ws_io_error};
 use super::frames::{FrameReader, FrameWriter, ReadSide, WriteSide};
@@ -169,7 +170,7 @@ async fn derp_upgrade(
     }
     // Bytes after the head are already DERP frames: `buf` carries them over.
     Ok(match conn {
-        Conn::Plain(tcp) => {
+        Either::Left(tcp) => {
             let (rd, wr) = tcp.into_split();
             (
                 FrameReader {
@@ -179,7 +180,7 @@ async fn derp_upgrade(
                 FrameWriter(WriteSide::Tcp(wr)),
             )
         }
-        Conn::Tls(tls) => {
+        Either::Right(tls) => {
             let (rd, wr) = tokio::io::split(*tls);
             (
                 FrameReader {

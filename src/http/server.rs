@@ -7,21 +7,19 @@
 //! first, inside the same header timeout and pending limit as the request.
 
 use std::convert::Infallible;
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, StatusCode};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::timeout_at;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::either::Either;
 use tower_service::Service;
 use warp::reply::Response;
 
@@ -257,13 +255,13 @@ where
             }
         }
         let io = match &self.tls {
-            None => FrontIo::Plain(io),
+            None => Either::Left(io),
             // rustls reads the socket 4 KiB at a time; on a busy connection
             // ReadAhead turns that into one large read per many records, and
             // an idle one holds no buffer.
             Some(acceptor) => match timeout_at(deadline, acceptor.accept(ReadAhead::new(io))).await
             {
-                Ok(Ok(s)) => FrontIo::Tls(Box::new(s)),
+                Ok(Ok(s)) => Either::Right(Box::new(s)),
                 Ok(Err(e)) => {
                     metrics.refused(RefuseReason::Tls);
                     tracing::debug!(%client, error = %e, "TLS handshake failed");
@@ -350,68 +348,7 @@ where
 }
 
 /// A served connection: plain or TLS, over the (possibly prefixed) TCP stream.
-enum FrontIo {
-    Plain(Prefixed),
-    Tls(Box<tokio_rustls::server::TlsStream<ReadAhead<Prefixed>>>),
-}
-
-impl AsyncRead for FrontIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FrontIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for FrontIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            FrontIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            FrontIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            FrontIo::Plain(s) => s.is_write_vectored(),
-            FrontIo::Tls(s) => s.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FrontIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            FrontIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            FrontIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+type FrontIo = Either<Prefixed, Box<tokio_rustls::server::TlsStream<ReadAhead<Prefixed>>>>;
 
 fn is_out_of_descriptors(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))

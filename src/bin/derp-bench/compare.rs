@@ -20,6 +20,24 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The median of each figure over rounds of one target, as one row.
+pub(crate) fn median_result(label: String, rs: &[RunResult]) -> RunResult {
+    let med = |f: fn(&RunResult) -> f64| median(rs.iter().map(f).collect());
+    RunResult {
+        label,
+        rate_per_pair: 0,
+        sent: med(|r| r.sent as f64) as u64,
+        received: med(|r| r.received as f64) as u64,
+        send_secs: med(|r| r.send_secs),
+        pps: med(|r| r.pps),
+        mbps: med(|r| r.mbps),
+        p50_us: med(|r| r.p50_us),
+        p99_us: med(|r| r.p99_us),
+        p999_us: med(|r| r.p999_us),
+        max_us: med(|r| r.max_us),
+    }
+}
+
 /// Rows of (result, ratio to forwarder).
 pub(crate) fn print_throughput_table(rows: &[(RunResult, Option<f64>)]) {
     out!();
@@ -79,23 +97,10 @@ pub(crate) async fn compare(
             sleep(Duration::from_millis(300)).await;
         }
     }
-    let med = |rs: &[RunResult], f: fn(&RunResult) -> f64| median(rs.iter().map(f).collect());
     let summary: Vec<RunResult> = targets
         .iter()
         .zip(&runs)
-        .map(|(t, rs)| RunResult {
-            label: t.label(),
-            rate_per_pair: 0,
-            sent: median(rs.iter().map(|r| r.sent as f64).collect()) as u64,
-            received: median(rs.iter().map(|r| r.received as f64).collect()) as u64,
-            send_secs: med(rs, |r| r.send_secs),
-            pps: med(rs, |r| r.pps),
-            mbps: med(rs, |r| r.mbps),
-            p50_us: med(rs, |r| r.p50_us),
-            p99_us: med(rs, |r| r.p99_us),
-            p999_us: med(rs, |r| r.p999_us),
-            max_us: med(rs, |r| r.max_us),
-        })
+        .map(|(t, rs)| median_result(t.label(), rs))
         .collect();
 
     // Latency is only meaningful below saturation: rerun each relay transport

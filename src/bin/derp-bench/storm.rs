@@ -7,10 +7,10 @@
 //! rather than waiting the Restarting frame's hint: this measures the relay,
 //! not a client's politeness.
 
-use std::io::{BufRead, Write as _};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use tokio::time::{sleep, timeout};
 
 use crate::idle::raise_nofile_limit;
 use crate::load::{BenchUrl, KEY_LEN};
-use crate::tofu::{connect_as, tempfile_dir};
+use crate::tofu::{connect_as, spawn_relay, tempfile_dir};
 
 #[derive(Args, Clone, Debug)]
 pub(crate) struct StormArgs {
@@ -261,46 +261,27 @@ async fn client(
 
 /// Starts the relay and returns it with the moment it said it listens.
 async fn start_relay(a: &StormArgs, data_dir: &std::path::Path) -> Result<(Child, Instant)> {
-    let mut child = Command::new(&a.relay)
-        .args([
-            "--open-relay",
-            "--rate-limit",
-            "0",
-            "--max-pending-per-ip",
-            "0",
-            "--max-clients",
-            "0",
-            "--stun=false",
-            "--shutdown-timeout",
-            "10s",
-            "--addr",
-        ])
-        .arg(a.addr.to_string())
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("RUST_LOG", "warn,derp_relay::relay=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", a.relay.display()))?;
-    let stderr = child.stderr.take().context("relay stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keep draining the log so the relay never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if !sent && line.contains("derp-relay listening") {
-                let _ = tx.send(Instant::now());
-                sent = true;
-            }
-        }
-    });
-    let at = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
-        .await?
-        .context("relay did not say it is listening")?;
+    let args: Vec<std::ffi::OsString> = [
+        "--open-relay",
+        "--rate-limit",
+        "0",
+        "--max-pending-per-ip",
+        "0",
+        "--max-clients",
+        "0",
+        "--stun=false",
+        "--shutdown-timeout",
+        "10s",
+        "--addr",
+    ]
+    .into_iter()
+    .map(Into::into)
+    .chain([
+        a.addr.to_string().into(),
+        "--data-dir".into(),
+        data_dir.into(),
+    ])
+    .collect();
+    let (child, _, at) = spawn_relay(&a.relay, &args).await?;
     Ok((child, at))
 }

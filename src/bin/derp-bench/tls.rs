@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use tokio::time::sleep;
 
-use crate::compare::{median, print_throughput_table};
+use crate::compare::{median_result, print_throughput_table};
 use crate::load::{BenchUrl, LoadArgs, RunResult, Target, check_load, run_load};
 use crate::tofu::{spawn_relay, tempfile_dir};
 
@@ -62,7 +62,7 @@ async fn start(relay: &std::path::Path, tls: bool) -> Result<(RelayChild, std::n
     }
     args.push("--data-dir".into());
     args.push(dir.path().into());
-    let (child, addr) = spawn_relay(relay, &args).await?;
+    let (child, addr, _) = spawn_relay(relay, &args).await?;
     out!(
         "{} relay pid {} on {addr}",
         if tls { "TLS" } else { "plain" },
@@ -107,23 +107,10 @@ pub(crate) async fn tls_bench(a: TlsArgs) -> Result<()> {
             sleep(Duration::from_millis(300)).await;
         }
     }
-    let med = |rs: &[RunResult], f: fn(&RunResult) -> f64| median(rs.iter().map(f).collect());
     let summary: Vec<RunResult> = targets
         .iter()
         .zip(&runs)
-        .map(|(t, rs)| RunResult {
-            label: t.label(),
-            rate_per_pair: 0,
-            sent: median(rs.iter().map(|r| r.sent as f64).collect()) as u64,
-            received: median(rs.iter().map(|r| r.received as f64).collect()) as u64,
-            send_secs: med(rs, |r| r.send_secs),
-            pps: med(rs, |r| r.pps),
-            mbps: med(rs, |r| r.mbps),
-            p50_us: med(rs, |r| r.p50_us),
-            p99_us: med(rs, |r| r.p99_us),
-            p999_us: med(rs, |r| r.p999_us),
-            max_us: med(rs, |r| r.max_us),
-        })
+        .map(|(t, rs)| median_result(t.label(), rs))
         .collect();
     out!(
         "\nmedian of {} rounds, {} pairs, {} B packets, {} s each, unpaced; \"vs forwarder\" is TLS vs plain on the same transport:",

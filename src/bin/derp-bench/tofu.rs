@@ -73,7 +73,7 @@ pub(crate) mod tempfile_dir {
 pub(crate) async fn spawn_relay(
     relay: &std::path::Path,
     args: &[std::ffi::OsString],
-) -> Result<(Child, SocketAddr)> {
+) -> Result<(Child, SocketAddr, Instant)> {
     let mut child = Command::new(relay)
         .args(args)
         .env("RUST_LOG", "warn,derp_relay::relay=info")
@@ -94,16 +94,17 @@ pub(crate) async fn spawn_relay(
                 let rest = &line[i + 5..];
                 let end = rest.find(' ').unwrap_or(rest.len());
                 if let Ok(a) = rest[..end].parse::<SocketAddr>() {
-                    let _ = tx.send(a);
+                    // The address is in the "listening" line: now is when it listens.
+                    let _ = tx.send((a, Instant::now()));
                     sent = true;
                 }
             }
         }
     });
-    let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
+    let (addr, at) = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(60)))
         .await?
         .context("relay did not print its listen address")?;
-    Ok((child, addr))
+    Ok((child, addr, at))
 }
 
 /// Cheap distinct filler keys (any 32 bytes are a valid binding key).
@@ -161,7 +162,7 @@ pub(crate) async fn start_tofu_relay(
     .map(Into::into)
     .to_vec();
     args.push(dir.path().into());
-    let (child, addr) = spawn_relay(relay, &args).await?;
+    let (child, addr, _) = spawn_relay(relay, &args).await?;
     out!(
         "relay with {total} bindings ({:.1} MB snapshot) listening on {addr}",
         size as f64 / 1e6
