@@ -161,32 +161,18 @@ async fn read_frames(
                         }
                         (d.conn_id, r)
                     }) {
-                        Ok(r) => Some(r),
-                        // Not a local key: the table's own route forwards to
-                        // a mesh peer that has it, or reports unknown_dest.
-                        // A full link queue is handled as a full local one
-                        // below: let its writer drain before evicting.
-                        Err(packet) => {
-                            Some(match shared.clients.remote.try_forward(src, &dst, packet) {
-                                Ok(Ok(())) => (0, Ok(())),
-                                Ok(Err(Some(packet))) => (0, Err((DropReason::QueueHead, packet))),
-                                Ok(Err(None)) => {
-                                    (0, Err((DropReason::MeshQueue, bytes::Bytes::new())))
-                                }
-                                Err(packet) => match shared.clients.route(src, &dst, packet, disco)
-                                {
-                                    Ok((id, head_drop)) => {
-                                        if let Some(r) = head_drop {
-                                            m.dropped(r).inc();
-                                        }
-                                        (id, Ok(()))
-                                    }
-                                    Err(r) => (0, Err((r, bytes::Bytes::new()))),
-                                },
-                            })
-                        }
+                        Ok(r) => r,
+                        // Not a local key: a mesh peer may have it. A full
+                        // link queue is handled as a full local one below:
+                        // let its writer drain before evicting.
+                        Err(packet) => match shared.clients.remote.try_forward(src, &dst, packet) {
+                            Ok(Ok(())) => (0, Ok(())),
+                            Ok(Err(Some(packet))) => (0, Err((DropReason::QueueHead, packet))),
+                            Ok(Err(None)) => (0, Err((DropReason::MeshQueue, bytes::Bytes::new()))),
+                            Err(_) => (0, Err((DropReason::UnknownDest, bytes::Bytes::new()))),
+                        },
                     };
-                    if let Some((_, Err((DropReason::QueueHead, packet)))) = routed_to {
+                    if let (_, Err((DropReason::QueueHead, packet))) = routed_to {
                         // Full: let its writer drain what this read queued
                         // (it waits in this worker's run queue) before
                         // evicting anything; then queue as usual.
@@ -200,7 +186,7 @@ async fn read_frames(
                             Box::pin(route_after_yield(&shared.clients, src, dst, packet, disco))
                                 .await;
                         dst = back;
-                        routed_to = Some(match r {
+                        routed_to = match r {
                             Ok((id, head_drop)) => {
                                 if let Some(r) = head_drop {
                                     m.dropped(r).inc();
@@ -208,12 +194,11 @@ async fn read_frames(
                                 (id, Ok(()))
                             }
                             Err(r) => (0, Err((r, bytes::Bytes::new()))),
-                        });
+                        };
                     }
                     let outcome = match routed_to {
-                        None => Err(DropReason::UnknownDest),
-                        Some((id, Ok(()))) => Ok(id),
-                        Some((_, Err((r, _)))) => Err(r),
+                        (id, Ok(())) => Ok(id),
+                        (_, Err((r, _))) => Err(r),
                     };
                     match outcome {
                         Ok(dst_conn) => {
