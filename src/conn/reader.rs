@@ -13,7 +13,7 @@ use super::transport::ConnReader;
 use crate::protocol::frame::{self, FrameType};
 use crate::protocol::{ClientFrame, FrameError, PeerGoneReason, PublicKey};
 use crate::reasons::{CloseReason, DropReason};
-use crate::routing::{ClientHandle, Control};
+use crate::routing::{ClientHandle, Control, TryForward};
 
 /// Smallest read reservation; idle clients settle here, busy ones grow.
 const MIN_READ: usize = 1024;
@@ -21,6 +21,11 @@ const MAX_READ: usize = 64 << 10;
 /// Distinct destinations remembered per read before their writers are woken
 /// early; bounds the list for a sender spraying many peers.
 const MAX_WAKES: usize = 16;
+/// Longest a sender waits for room on a full mesh link queue before the
+/// oldest packet is evicted: well above the time the link writer takes to
+/// write out a full queue, well below anything a client would notice as a
+/// stall if the link is stuck until its write timeout cuts it.
+const MESH_ROOM_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 /// PeerGone(NotHere) answers per sender: burst, then one per second.
 const NOT_HERE_BURST: f64 = 3.0;
 
@@ -166,10 +171,34 @@ async fn read_frames(
                         // link queue is handled as a full local one below:
                         // let its writer drain before evicting.
                         Err(packet) => match shared.clients.remote.try_forward(src, &dst, packet) {
-                            Ok(Ok(())) => (0, Ok(())),
-                            Ok(Err(Some(packet))) => (0, Err((DropReason::QueueHead, packet))),
-                            Ok(Err(None)) => (0, Err((DropReason::MeshQueue, bytes::Bytes::new()))),
-                            Err(_) => (0, Err((DropReason::UnknownDest, bytes::Bytes::new()))),
+                            TryForward::Queued => (0, Ok(())),
+                            TryForward::Full(link, f) => {
+                                // The link writer is behind its TCP stream:
+                                // wait for it (bounded) instead of reading
+                                // more only to evict. Local writers noted so
+                                // far are not held up meanwhile.
+                                wakes.wake_all();
+                                m.packets_routed.inc_by(routed);
+                                m.bytes_received.inc_by(received);
+                                (routed, received) = (0, 0);
+                                let r =
+                                    Box::pin(link.queue.push_when_room(f, MESH_ROOM_WAIT)).await;
+                                match r {
+                                    Ok(evicted) => {
+                                        if let Some(r) = evicted {
+                                            m.dropped(r).inc();
+                                        }
+                                        (0, Ok(()))
+                                    }
+                                    Err(r) => (0, Err((r, bytes::Bytes::new()))),
+                                }
+                            }
+                            TryForward::Down => {
+                                (0, Err((DropReason::MeshQueue, bytes::Bytes::new())))
+                            }
+                            TryForward::Unknown(_) => {
+                                (0, Err((DropReason::UnknownDest, bytes::Bytes::new())))
+                            }
                         },
                     };
                     if let (_, Err((DropReason::QueueHead, packet))) = routed_to {

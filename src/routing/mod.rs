@@ -21,7 +21,7 @@ pub mod table;
 pub mod watch;
 
 pub use handle::ClientHandle;
-pub use remote::{ForwardQueue, MeshLink, RemoteKeys};
+pub use remote::{ForwardQueue, MeshLink, RemoteKeys, TryForward};
 pub use send_queue::{Batch, Control, SendQueue};
 pub use table::Clients;
 pub use watch::{Presence, WatchQueue};

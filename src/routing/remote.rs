@@ -98,6 +98,9 @@ pub struct ForwardQueue {
     depth: usize,
     inner: Mutex<FwdInner>,
     wake: Notify,
+    /// Senders waiting for room ([`Self::push_when_room`]); told when the
+    /// writer takes a batch or the queue closes.
+    room: Notify,
 }
 
 #[derive(Default)]
@@ -112,6 +115,7 @@ impl ForwardQueue {
             depth: depth.max(1),
             inner: Mutex::new(FwdInner::default()),
             wake: Notify::new(),
+            room: Notify::new(),
         }
     }
 
@@ -139,22 +143,51 @@ impl ForwardQueue {
         Ok(evicted.then_some(DropReason::MeshQueue))
     }
 
-    /// Queues a packet without evicting: a full queue hands the data back
-    /// (`Err(Some)`) so the sender's reader can let the link writer drain
-    /// first; a link that is down drops it (`Err(None)`).
-    pub fn try_push(&self, f: Forward) -> Result<(), Option<Bytes>> {
+    /// Queues a packet without evicting: a full queue hands it back
+    /// (`Err(Some)`) so the sender can wait for room
+    /// ([`Self::push_when_room`]); a link that is down drops it (`Err(None)`).
+    pub fn try_push(&self, f: Forward) -> Result<(), Option<Forward>> {
         {
             let mut g = self.lock();
             if !g.open {
                 return Err(None);
             }
             if g.pending.len() >= self.depth {
-                return Err(Some(f.2));
+                return Err(Some(f));
             }
             g.pending.push_back(f);
         }
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Queues a packet once the link writer has taken its current batch,
+    /// waiting at most `wait`; then evicts the oldest as [`Self::push`] does.
+    /// A full queue means the link's TCP stream is the bottleneck: waiting
+    /// passes that back to the sender's TCP stream (derper blocks its sender
+    /// on the mesh write for the same reason) instead of reading packets
+    /// only to drop them.
+    pub async fn push_when_room(
+        &self,
+        mut f: Forward,
+        wait: std::time::Duration,
+    ) -> Result<Option<DropReason>, DropReason> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before the check, so a batch taken in between is seen.
+            room.as_mut().enable();
+            match self.try_push(f) {
+                Ok(()) => return Ok(None),
+                Err(None) => return Err(DropReason::MeshQueue),
+                Err(Some(back)) => f = back,
+            }
+            self.wake.notify_one();
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return self.push(f);
+            }
+        }
     }
 
     /// Starts accepting packets (the link is up).
@@ -172,6 +205,7 @@ impl ForwardQueue {
             n
         };
         self.wake.notify_one();
+        self.room.notify_waiters();
         n
     }
 
@@ -186,6 +220,8 @@ impl ForwardQueue {
                 }
                 if !g.pending.is_empty() {
                     std::mem::swap(&mut g.pending, out);
+                    drop(g);
+                    self.room.notify_waiters();
                     return true;
                 }
             }
@@ -204,12 +240,13 @@ struct RemoteSlot {
 /// Remote keys → mesh links. Written by the link tasks, read by senders.
 #[derive(Default)]
 pub struct RemoteKeys {
-    map: DashMap<PublicKey, RemoteSlot>,
+    /// Read per packet to a remote key: foldhash, as the local table.
+    map: DashMap<PublicKey, RemoteSlot, foldhash::fast::RandomState>,
     /// Per remote sender, the local receivers of packets forwarded from it
     /// (with their connection id), told PeerGone when it leaves the region.
     /// Apart from `map`: a forwarded packet can arrive (on the peer's link
     /// to us) before the PeerPresent for its sender (on ours to the peer).
-    receivers: DashMap<PublicKey, Receivers>,
+    receivers: DashMap<PublicKey, Receivers, foldhash::fast::RandomState>,
     links: RwLock<Vec<std::sync::Arc<MeshLink>>>,
     /// Addresses mesh peers are dialled at: their connections to us come
     /// from there and are not held to per-address limits.
@@ -222,6 +259,17 @@ pub struct RemoteKeys {
 struct Receivers {
     via: Option<PublicKey>,
     to: HashMap<PublicKey, u64>,
+}
+
+/// What [`RemoteKeys::try_forward`] did with a packet.
+pub enum TryForward {
+    Queued,
+    /// The link's queue is full: the packet back, to queue when there is room.
+    Full(std::sync::Arc<MeshLink>, Forward),
+    /// The link is down: dropped.
+    Down,
+    /// No peer announced the destination: the payload back.
+    Unknown(Bytes),
 }
 
 /// Receivers to tell that a key left the region (key, [(receiver, conn)]).
@@ -242,16 +290,14 @@ impl RemoteKeys {
     }
 
     /// [`Self::forward`] without evicting; see [`ForwardQueue::try_push`].
-    /// `Err` hands the data back when no peer has `dst`.
-    pub fn try_forward(
-        &self,
-        src: PublicKey,
-        dst: &PublicKey,
-        data: Bytes,
-    ) -> Result<Result<(), Option<Bytes>>, Bytes> {
-        match self.map.get(dst).and_then(|s| s.links.first().cloned()) {
-            Some(link) => Ok(link.queue.try_push((src, *dst, data))),
-            None => Err(data),
+    pub fn try_forward(&self, src: PublicKey, dst: &PublicKey, data: Bytes) -> TryForward {
+        let Some(link) = self.map.get(dst).and_then(|s| s.links.first().cloned()) else {
+            return TryForward::Unknown(data);
+        };
+        match link.queue.try_push((src, *dst, data)) {
+            Ok(()) => TryForward::Queued,
+            Err(None) => TryForward::Down,
+            Err(Some(f)) => TryForward::Full(link, f),
         }
     }
 
@@ -455,5 +501,50 @@ mod tests {
         assert_eq!(l.queue.push(f(b"c")), Ok(Some(DropReason::MeshQueue)));
         assert_eq!(l.queue.close(), 2);
         assert_eq!(l.queue.push(f(b"d")), Err(DropReason::MeshQueue));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_waits_for_the_writer_then_evicts_at_the_deadline() {
+        let l = link(1);
+        let f = |b: &'static [u8]| (k(1), k(2), Bytes::from_static(b));
+        l.queue.push(f(b"a")).unwrap();
+        l.queue.push(f(b"b")).unwrap();
+        let waiter = {
+            let l = l.clone();
+            tokio::spawn(async move {
+                l.queue
+                    .push_when_room(f(b"c"), std::time::Duration::from_secs(30))
+                    .await
+            })
+        };
+        // The writer takes its batch: the waiter gets in without evicting.
+        let mut out = VecDeque::new();
+        assert!(l.queue.next_batch(&mut out).await);
+        assert_eq!(out.len(), 2);
+        assert_eq!(waiter.await.unwrap(), Ok(None));
+        assert_eq!(&l.queue.lock().pending[0].2[..], b"c");
+
+        // Nobody drains: the deadline passes and the oldest goes.
+        l.queue.push(f(b"d")).unwrap();
+        let r = l
+            .queue
+            .push_when_room(f(b"e"), std::time::Duration::from_millis(20))
+            .await;
+        assert_eq!(r, Ok(Some(DropReason::MeshQueue)));
+        let left: Vec<_> = l.queue.lock().pending.iter().map(|f| f.2.clone()).collect();
+        assert_eq!(left, [Bytes::from_static(b"d"), Bytes::from_static(b"e")]);
+
+        // A link that goes down while a sender waits drops the packet.
+        let waiter = {
+            let l = l.clone();
+            tokio::spawn(async move {
+                l.queue
+                    .push_when_room(f(b"f"), std::time::Duration::from_secs(30))
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        l.queue.close();
+        assert_eq!(waiter.await.unwrap(), Err(DropReason::MeshQueue));
     }
 }

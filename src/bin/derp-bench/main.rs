@@ -26,7 +26,7 @@ use crate::bandwidth::{BandwidthArgs, bandwidth};
 use crate::compare::{compare, print_throughput_table};
 use crate::forwarder::{ForwarderChild, forward_server};
 use crate::idle::idle;
-use crate::load::{BenchUrl, LoadArgs, Target, check_load, run_load};
+use crate::load::{BenchUrl, LoadArgs, Target, check_load, run_load, run_load_between};
 use crate::mesh::{MeshArgs, mesh_bench};
 use crate::storm::{StormArgs, storm};
 use crate::stun::stun_flood;
@@ -69,6 +69,10 @@ enum Mode {
         /// http://127.0.0.1:PORT/derp (Upgrade: DERP) or ws://127.0.0.1:PORT/derp.
         #[arg(long)]
         url: String,
+        /// Connect the receivers here instead (another node of a meshed
+        /// region): packets cross the mesh link.
+        #[arg(long)]
+        receiver_url: Option<String>,
         #[command(flatten)]
         load: LoadArgs,
     },
@@ -213,10 +217,21 @@ fn time_budget(mode: &Mode) -> Option<Duration> {
 
 async fn run(mode: Mode) -> Result<()> {
     match mode {
-        Mode::Throughput { url, load } => {
+        Mode::Throughput {
+            url,
+            receiver_url,
+            load,
+        } => {
             check_load(&load)?;
             let target = Target::Derp(BenchUrl::parse(&url)?);
-            let r = run_load(&target, &load).await?;
+            let r = match receiver_url {
+                Some(r) => {
+                    let to = Target::Derp(BenchUrl::parse(&r)?);
+                    let label = format!("{} → receivers on {r}", target.label());
+                    run_load_between(&target, &to, &load, label).await?
+                }
+                None => run_load(&target, &load).await?,
+            };
             print_throughput_table(&[(r, None)]);
         }
         Mode::Forwarder { addr, load } => {
