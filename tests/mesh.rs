@@ -745,3 +745,32 @@ async fn mesh_links_over_tls_carry_packets_between_tls_only_nodes() {
     assert_eq!(nodes[0].relay().metrics().mesh.packets_out.get(), 1);
     assert_eq!(nodes[1].relay().metrics().mesh.packets_out.get(), 1);
 }
+
+/// A peer listed by host name (`--mesh-with localhost:PORT`): what the name
+/// resolves to is where that peer's own link comes from, so it is treated as
+/// a peer address (exempt from per-address limits) like a listed IP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_listed_by_host_name_is_known_by_its_resolved_address() {
+    let net = subnet();
+    let a_at = addr(net, 1);
+    let loopback: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let b = start_node(loopback, &TestDns::default(), |c| {
+        c.mesh_with = a_at.to_string()
+    })
+    .await;
+    let b_port = b.addr.port();
+    let a = start_node(a_at, &TestDns::default(), |c| {
+        c.mesh_with = format!("localhost:{b_port}");
+    })
+    .await;
+    let local: IpAddr = "127.0.0.1".parse().expect("ip");
+    assert!(!b.relay().shared.clients.remote.is_peer_ip(&local));
+    eventually("A knows B by the address localhost resolves to", || {
+        a.relay().shared.clients.remote.is_peer_ip(&local)
+    })
+    .await;
+    eventually("both links up", || {
+        a.connected_links() == 1 && b.connected_links() == 1
+    })
+    .await;
+}

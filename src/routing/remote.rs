@@ -47,6 +47,9 @@ pub struct MeshLink {
     peer_key: Mutex<Option<PublicKey>>,
     /// Sessions that reached `Connected`.
     pub sessions: AtomicU64,
+    /// What a host name in `dial` last resolved to: the peer's own links to
+    /// us come from there, so they are exempt from per-address limits too.
+    resolved: Mutex<Vec<IpAddr>>,
 }
 
 impl MeshLink {
@@ -60,7 +63,26 @@ impl MeshLink {
             keys: Mutex::new(HashSet::new()),
             peer_key: Mutex::new(None),
             sessions: AtomicU64::new(0),
+            resolved: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The addresses the peer is known by: `dial` itself when it is an
+    /// address, else what it last resolved to.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        match self.dial.parse::<IpAddr>() {
+            Ok(ip) => vec![ip.to_canonical()],
+            Err(_) => self
+                .resolved
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+
+    pub fn set_resolved(&self, ips: Vec<IpAddr>) {
+        *self.resolved.lock().unwrap_or_else(|p| p.into_inner()) =
+            ips.into_iter().map(|ip| ip.to_canonical()).collect();
     }
 
     pub fn state(&self) -> MeshPeerState {

@@ -234,6 +234,18 @@ async fn session(link: &Arc<MeshLink>, ctx: &LinkCtx, t: &Target) -> Result<End,
         tls: ctx.tls.clone(),
         connect_timeout: CONNECT_TIMEOUT,
     };
+    if t.dial.parse::<IpAddr>().is_err() {
+        // A host name: remember its addresses before dialling, so the peer's
+        // own link to us (from one of them) is not held to per-IP limits. A
+        // failed lookup is reported by the connect below.
+        if let Ok(addrs) = tokio::net::lookup_host((t.dial.as_str(), t.port)).await {
+            let ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+            link.set_resolved(ips);
+            for ip in link.addresses() {
+                ctx.shared.clients.remote.add_peer_ip(ip);
+            }
+        }
+    }
     let connect = async {
         let (mut rd, mut wr) = client::open_via(&url, &t.dial, &opts).await?;
         let hs = client::handshake(&mut rd, &mut wr, &ctx.secret, &ctx.info_json).await?;

@@ -302,9 +302,8 @@ impl MeshState {
         // Addresses peers are dialled at: their links to us come from there.
         let ips: HashSet<IpAddr> = self
             .links
-            .keys()
-            .filter_map(|t| t.dial.parse::<IpAddr>().ok())
-            .map(|ip| ip.to_canonical())
+            .values()
+            .flat_map(|e| e.link.addresses())
             .collect();
         self.shared.clients.remote.set_peer_ips(ips);
     }
