@@ -95,13 +95,81 @@ async fn route_after_yield(
     (dst, r)
 }
 
+/// What a reader keeps from one read to the next, busy or idle.
+struct ReadState {
+    hint: usize,
+    /// The last destination recorded for PeerGone, to skip the lock when a
+    /// client keeps sending to the same peer.
+    last_dst: Option<(PublicKey, u64)>,
+    not_here: NotHereLimit,
+    bucket: Bucket,
+    mesh_in: super::mesh::MeshIn,
+}
+
+/// How a busy stretch of reads ended.
+enum Busy {
+    /// Nothing buffered and reads are small again: wait in the idle state.
+    Idle,
+    Closed(CloseReason),
+}
+
+/// Alternates between the idle wait and busy stretches. The busy part runs
+/// boxed, allocated only while the client is sending: a task's state is as
+/// large as its largest await point, and the per-frame locals of the busy
+/// loop would otherwise be carried by every idle client (most clients, most
+/// of the time).
 pub(super) async fn read_loop(
     mut rd: ConnReader,
     mut buf: BytesMut,
     h: Arc<ClientHandle>,
     deps: Arc<ConnDeps>,
 ) -> CloseReason {
-    read_frames(&mut rd, &mut buf, &h, &deps).await
+    let mut st = ReadState {
+        hint: MIN_READ,
+        last_dst: None,
+        not_here: NotHereLimit {
+            tokens: NOT_HERE_BURST,
+            at: Instant::now(),
+        },
+        bucket: Bucket::new(),
+        mesh_in: super::mesh::MeshIn::default(),
+    };
+    loop {
+        // Bytes left over from the handshake are handled before any read.
+        if let Busy::Closed(why) =
+            Box::pin(read_frames(&mut rd, &mut buf, &h, &deps, &mut st)).await
+        {
+            return why;
+        }
+        #[cfg(feature = "test-hooks")]
+        super::test_hooks::check(&h, super::test_hooks::Part::Reader);
+        match rd.read_first(&mut buf).await {
+            Ok(0) => return CloseReason::Eof,
+            Ok(n) => pace(n, &h, &deps, &mut st.bucket).await,
+            Err(e) => {
+                tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "read failed");
+                return rd.close_reason(&e);
+            }
+        }
+    }
+}
+
+/// Holds the reader back when the client is over its bandwidth limit.
+async fn pace(n: usize, h: &ClientHandle, deps: &ConnDeps, bucket: &mut Bucket) {
+    if deps.rate_limited
+        && !h.is_mesh_peer()
+        && let Some(limit) = deps.client_rate.get()
+    {
+        let wait = bucket.charge(n as u64, limit, Instant::now());
+        if !wait.is_zero() {
+            let m = &deps.state.metrics;
+            m.client_rate_paced_reads.inc();
+            m.client_rate_paced_seconds.inc_by(wait.as_secs_f64());
+            // Boxed: a timer in the task's own state would make every idle
+            // client's task bigger for a rare wait.
+            Box::pin(tokio::time::sleep(wait)).await;
+        }
+    }
 }
 
 async fn read_frames(
@@ -109,26 +177,17 @@ async fn read_frames(
     buf: &mut BytesMut,
     h: &Arc<ClientHandle>,
     deps: &ConnDeps,
-) -> CloseReason {
+    st: &mut ReadState,
+) -> Busy {
     let shared = &deps.state;
     let m = &shared.metrics;
-    let mut hint = MIN_READ;
-    // The last destination recorded for PeerGone, to skip the lock when a
-    // client keeps sending to the same peer.
-    let mut last_dst: Option<(PublicKey, u64)> = None;
-    let mut not_here = NotHereLimit {
-        tokens: NOT_HERE_BURST,
-        at: Instant::now(),
-    };
     // Counted locally and published once per read: one shared atomic add per
     // read instead of per packet.
     let mut routed = 0u64;
     let mut received = 0u64;
-    let mut bucket = Bucket::new();
     // Writers this read's packets went to, woken once when the read's
     // frames are all routed rather than once per packet.
     let mut wakes = Wakes::default();
-    let mut mesh_in = super::mesh::MeshIn::default();
     loop {
         loop {
             let f = match frame::decode_frame(buf, frame::client_frame_limit) {
@@ -141,14 +200,14 @@ async fn read_frames(
                         m.dropped(DropReason::TooLarge).inc();
                     }
                     tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "bad frame");
-                    return CloseReason::BadFrame;
+                    return Busy::Closed(CloseReason::BadFrame);
                 }
             };
             let f = match ClientFrame::parse(f) {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "bad frame");
-                    return CloseReason::BadFrame;
+                    return Busy::Closed(CloseReason::BadFrame);
                 }
             };
             match f {
@@ -232,14 +291,14 @@ async fn read_frames(
                     match outcome {
                         Ok(dst_conn) => {
                             routed += 1;
-                            if last_dst != Some((dst, dst_conn)) {
+                            if st.last_dst != Some((dst, dst_conn)) {
                                 h.note_sent_to(dst, dst_conn);
-                                last_dst = Some((dst, dst_conn));
+                                st.last_dst = Some((dst, dst_conn));
                             }
                         }
                         Err(r) => {
                             m.dropped(r).inc();
-                            if r == DropReason::UnknownDest && disco && not_here.take() {
+                            if r == DropReason::UnknownDest && disco && st.not_here.take() {
                                 h.queue
                                     .push_control(Control::PeerGone(dst, PeerGoneReason::NotHere));
                             }
@@ -275,7 +334,15 @@ async fn read_frames(
                     let via = h.key;
                     match queued {
                         Ok((id, Ok(()))) => {
-                            super::mesh::forwarded_in(via, src, dst, id, len, deps, &mut mesh_in);
+                            super::mesh::forwarded_in(
+                                via,
+                                src,
+                                dst,
+                                id,
+                                len,
+                                deps,
+                                &mut st.mesh_in,
+                            );
                         }
                         Ok((_, Err((DropReason::QueueHead, packet)))) => {
                             wakes.wake_all();
@@ -283,14 +350,21 @@ async fn read_frames(
                             // not carry this arm's locals.
                             Box::pin(async {
                                 tokio::task::yield_now().await;
-                                super::mesh::forward_in(via, src, dst, packet, deps, &mut mesh_in);
+                                super::mesh::forward_in(
+                                    via,
+                                    src,
+                                    dst,
+                                    packet,
+                                    deps,
+                                    &mut st.mesh_in,
+                                );
                             })
                             .await;
                         }
                         Ok((_, Err((r, _)))) => m.dropped(r).inc(),
                         // Not local: the one-hop path counts it as not here.
                         Err(packet) => {
-                            super::mesh::forward_in(via, src, dst, packet, deps, &mut mesh_in);
+                            super::mesh::forward_in(via, src, dst, packet, deps, &mut st.mesh_in);
                         }
                     }
                 }
@@ -298,8 +372,8 @@ async fn read_frames(
                 f @ (ClientFrame::WatchConns
                 | ClientFrame::ClosePeer(_)
                 | ClientFrame::ForwardPacket { .. }) => {
-                    if let Err(why) = super::mesh::handle(f, h, deps, &mut mesh_in) {
-                        return why;
+                    if let Err(why) = super::mesh::handle(f, h, deps, &mut st.mesh_in) {
+                        return Busy::Closed(why);
                     }
                 }
             }
@@ -312,48 +386,45 @@ async fn read_frames(
             tokio::task::yield_now().await;
         }
         (routed, received) = (0, 0);
-        let idle = buf.is_empty() && hint == MIN_READ;
-        if buf.is_empty() && (idle || buf.capacity() > 4 * hint) {
-            // Nothing pending: hold no buffer while waiting. Most clients are
-            // idle most of the time, and this is most of what one costs.
+        let hint = st.hint;
+        if buf.is_empty() && buf.capacity() > 4 * hint {
             *buf = BytesMut::new();
-            if idle {
-                wakes = Wakes::default();
-            }
         }
         #[cfg(feature = "test-hooks")]
         super::test_hooks::check(h, super::test_hooks::Part::Reader);
         let want = frame::bytes_needed(buf).max(hint);
-        let read = if idle {
-            rd.read_first(buf).await
-        } else {
-            rd.read_some(buf, want).await
+        // Leave for the idle wait only when nothing is pending, reads are
+        // small, and the socket has nothing right now: a client sending
+        // steadily stays here (one message per read on WebSocket keeps the
+        // hint at its minimum), and the busy state is not rebuilt per read.
+        let may_idle = buf.is_empty() && hint == MIN_READ;
+        let read = {
+            let mut read = std::pin::pin!(rd.read_some(buf, want));
+            match std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await {
+                std::task::Poll::Ready(r) => Some(r),
+                std::task::Poll::Pending if may_idle => None,
+                std::task::Poll::Pending => Some(read.await),
+            }
+        };
+        let Some(read) = read else {
+            // Hold no buffer while waiting. Most clients are idle most of
+            // the time, and this is most of what one costs.
+            *buf = BytesMut::new();
+            return Busy::Idle;
         };
         match read {
-            Ok(0) => return CloseReason::Eof,
+            Ok(0) => return Busy::Closed(CloseReason::Eof),
             Ok(n) => {
-                if deps.rate_limited
-                    && !h.is_mesh_peer()
-                    && let Some(limit) = deps.client_rate.get()
-                {
-                    let wait = bucket.charge(n as u64, limit, Instant::now());
-                    if !wait.is_zero() {
-                        m.client_rate_paced_reads.inc();
-                        m.client_rate_paced_seconds.inc_by(wait.as_secs_f64());
-                        // Boxed: a timer in the task's own state would make
-                        // every idle client's task bigger for a rare wait.
-                        Box::pin(tokio::time::sleep(wait)).await;
-                    }
-                }
+                pace(n, h, deps, &mut st.bucket).await;
                 if n >= want {
-                    hint = (hint * 2).min(MAX_READ);
+                    st.hint = (hint * 2).min(MAX_READ);
                 } else if n < hint / 4 {
-                    hint = (hint / 2).max(MIN_READ);
+                    st.hint = (hint / 2).max(MIN_READ);
                 }
             }
             Err(e) => {
                 tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "read failed");
-                return rd.close_reason(&e);
+                return Busy::Closed(rd.close_reason(&e));
             }
         }
     }
