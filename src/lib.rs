@@ -38,6 +38,7 @@ pub mod reasons;
 pub mod relay;
 pub mod routing;
 pub mod state;
+pub mod stream;
 
 pub use config::Config;
 pub use relay::Relay;

@@ -15,6 +15,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("metrics", &["reasons", "admission"]),
     ("limits", &["config"]),
     ("memory", &[]),
+    ("stream", &[]),
     (
         "state",
         &[
@@ -36,6 +37,7 @@ const RULES: &[(&str, &[&str])] = &[
             "metrics",
             "config",
             "admission",
+            "stream",
         ],
     ),
     (
@@ -64,6 +66,7 @@ const RULES: &[(&str, &[&str])] = &[
             "metrics",
             "config",
             "limits",
+            "stream",
         ],
     ),
     (
@@ -77,7 +80,7 @@ const RULES: &[(&str, &[&str])] = &[
             "client",
         ],
     ),
-    ("client", &["protocol"]),
+    ("client", &["protocol", "stream"]),
 ];
 
 /// External crates a pure layer must not touch (no I/O, no runtime).

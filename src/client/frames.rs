@@ -10,6 +10,8 @@ use bytes::BytesMut;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::stream::ReadAhead;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -27,11 +29,11 @@ const READ_CHUNK: usize = 64 << 10;
 /// A relay that does not take a batch within this long is treated as stuck.
 pub const WRITE_STALL: Duration = Duration::from_secs(10);
 
-type WsStream = WebSocketStream<Conn>;
+type WsStream = WebSocketStream<ReadAhead<Conn>>;
 
 pub(super) enum ReadSide {
     Tcp(OwnedReadHalf),
-    Tls(ReadHalf<TlsStream<TcpStream>>),
+    Tls(ReadHalf<TlsStream<ReadAhead<TcpStream>>>),
     Ws(SplitStream<WsStream>),
 }
 
@@ -99,7 +101,7 @@ impl FrameReader {
 
 pub(super) enum WriteSide {
     Tcp(OwnedWriteHalf),
-    Tls(WriteHalf<TlsStream<TcpStream>>),
+    Tls(WriteHalf<TlsStream<ReadAhead<TcpStream>>>),
     Ws(SplitSink<WsStream, Message>),
 }
 

@@ -22,6 +22,7 @@ use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
 use super::error::ClientError;
 use super::url::authority;
+use crate::stream::ReadAhead;
 
 /// How to reach the relay.
 #[derive(Clone)]
@@ -214,7 +215,9 @@ async fn connect_one(addr: SocketAddr, opts: &ConnectOptions) -> Result<TcpStrea
 }
 
 /// A connection to the relay: plain TCP (`Left`) or TLS (`Right`).
-pub type Conn = Either<TcpStream, Box<TlsStream<TcpStream>>>;
+/// TLS reads through [`ReadAhead`]: rustls asks for 4 KiB at a time, which
+/// would be a syscall per record or two on a busy connection.
+pub type Conn = Either<TcpStream, Box<TlsStream<ReadAhead<TcpStream>>>>;
 
 /// TCP connect, then TLS if `tls` (SNI and certificate check against `host`).
 pub async fn connect_stream(
@@ -250,7 +253,7 @@ pub async fn connect_stream_via(
     let name = ServerName::try_from(host.to_owned())
         .map_err(|e| tls_err(format!("{host:?} is not a valid TLS server name: {e}")))?;
     let stream = TlsConnector::from(config)
-        .connect(name, tcp)
+        .connect(name, ReadAhead::new(tcp))
         .await
         .map_err(|e| tls_err(e.to_string()))?;
     Ok(Either::Right(Box::new(stream)))

@@ -11,14 +11,16 @@ use bytes::BytesMut;
 use futures_util::StreamExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::timeout;
-use tokio_tungstenite::client_async;
+use tokio_tungstenite::client_async_with_config;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::either::Either;
 
 use super::error::{ClientError, ws_io_error};
 use super::frames::{FrameReader, FrameWriter, ReadSide, WriteSide};
 use super::net::{Conn, ConnectOptions, connect_stream_via};
 use super::url::RelayUrl;
+use crate::stream::ReadAhead;
 
 /// Response headers longer than this are not from a relay.
 const MAX_RESPONSE_HEAD: usize = 16 << 10;
@@ -205,30 +207,38 @@ async fn websocket_upgrade(
         "Sec-WebSocket-Protocol",
         http::HeaderValue::from_static("derp"),
     );
-    let (ws, _) = client_async(req, conn).await.map_err(|e| match e {
-        tokio_tungstenite::tungstenite::Error::Http(resp) => {
-            let body = resp
-                .body()
-                .as_deref()
-                .map(|b| String::from_utf8_lossy(&b[..b.len().min(MAX_ERROR_BODY)]).into_owned())
-                .unwrap_or_default();
-            ClientError::Http {
-                status: resp.status().as_u16(),
-                reason: resp
-                    .status()
-                    .canonical_reason()
-                    .unwrap_or_default()
-                    .to_owned(),
-                retry_after: resp
-                    .headers()
-                    .get(http::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned),
-                body,
+    // As the relay does: tungstenite zeroes its read buffer before every
+    // read (128 KiB by default, a memset per message), so it gets a small
+    // one and large reads come from ReadAhead underneath.
+    let config = WebSocketConfig::default().read_buffer_size(256);
+    let (ws, _) = client_async_with_config(req, ReadAhead::new(conn), Some(config))
+        .await
+        .map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                let body = resp
+                    .body()
+                    .as_deref()
+                    .map(|b| {
+                        String::from_utf8_lossy(&b[..b.len().min(MAX_ERROR_BODY)]).into_owned()
+                    })
+                    .unwrap_or_default();
+                ClientError::Http {
+                    status: resp.status().as_u16(),
+                    reason: resp
+                        .status()
+                        .canonical_reason()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    retry_after: resp
+                        .headers()
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned),
+                    body,
+                }
             }
-        }
-        other => ws_io_error(other),
-    })?;
+            other => ws_io_error(other),
+        })?;
     let (w, r) = ws.split();
     Ok((
         FrameReader {

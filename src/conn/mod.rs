@@ -13,7 +13,6 @@ pub mod actor;
 pub mod mesh;
 pub mod pace;
 pub mod preauth;
-pub mod read_ahead;
 pub mod reader;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;

@@ -16,9 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
-use super::read_ahead::ReadAhead;
 use super::transport::{self, ConnReader, ConnWriter, RawIo};
 use crate::protocol::frame::{HEADER_LEN, MAX_CLIENT_INFO_PAYLOAD};
+use crate::stream::ReadAhead;
 
 /// Largest read made before authentication; buffers grow by at most this much
 /// per read, and only when the bytes are there.

@@ -22,7 +22,7 @@ use crate::protocol::frame;
 use crate::reasons::CloseReason;
 
 pub type RawIo = TokioIo<Upgraded>;
-pub type WsIo = super::read_ahead::ReadAhead<RawIo>;
+pub type WsIo = crate::stream::ReadAhead<RawIo>;
 type Ws = WebSocketStream<WsIo>;
 
 pub enum ConnReader {

@@ -28,9 +28,9 @@ use super::client_addr::{ClientIpSource, FrontGate, PendingCell, PendingLimit, b
 use super::proxy_protocol::{self, Prefixed, ProxyRefusal, TrustedProxies};
 use super::rate_limit::{IpRateLimit, SWEEP_EVERY};
 use crate::conn::ConnDeps;
-use crate::conn::read_ahead::ReadAhead;
 use crate::reasons::RefuseReason;
 use crate::state::Shared;
+use crate::stream::ReadAhead;
 
 /// Largest HTTP request head we buffer. A DERP upgrade's head is a few hundred
 /// bytes; hyper's default (about 400 KiB) would let each stranger hold that much.

@@ -1,9 +1,10 @@
-//! A read buffer under the WebSocket codec that exists only while a
-//! connection is busy.
+//! A read buffer under a codec (WebSocket, TLS) that exists only while a
+//! connection is busy. Used by the relay's connections and by the client.
 //!
 //! tungstenite reads roughly one WebSocket frame per read call (its own buffer
-//! is kept tiny so idle clients stay cheap), which costs a syscall per frame
-//! on a busy connection. This wrapper notices when reads come back full and
+//! is kept tiny so idle clients stay cheap, and it zeroes whatever it reads
+//! into), and rustls reads at most one 4 KiB chunk per call: a syscall per
+//! frame or record on a busy connection. This wrapper notices when reads come back full and
 //! switches to reading ahead in large chunks, serving tungstenite from memory;
 //! when traffic dies down it drops its buffer and reads straight through again.
 
