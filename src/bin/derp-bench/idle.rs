@@ -16,8 +16,17 @@ pub(crate) async fn idle(url: &str, clients: usize, pid: u32, concurrency: usize
     let before = rss_kib(pid)?;
     out!("relay pid {pid} VmRSS before: {before} KiB");
     let t = Instant::now();
+    // Each connect is its own task: inside one stream they would all run on
+    // one thread, and the bench's own X25519 work would cap the rate.
     let conns: Vec<Endpoint> = futures_util::stream::iter(0..clients)
-        .map(|_| open_endpoint(&target, ROLE_RECEIVER, 0))
+        .map(|_| {
+            let target = target.clone();
+            async move {
+                tokio::spawn(async move { open_endpoint(&target, ROLE_RECEIVER, 0).await })
+                    .await
+                    .context("connect task")?
+            }
+        })
         .buffer_unordered(concurrency)
         .try_collect()
         .await
