@@ -32,7 +32,9 @@ pub enum ConnReader {
 
 pub enum ConnWriter {
     Derp(WriteHalf<RawIo>),
-    Ws(SplitSink<Ws, Message>),
+    /// Boxed: the sink keeps a pending message inline (64 bytes), and this
+    /// enum sits in every writer task's state, idle ones included.
+    Ws(Box<SplitSink<Ws, Message>>),
 }
 
 /// Splits an upgraded DERP stream.
@@ -44,7 +46,7 @@ pub fn derp(io: RawIo) -> (ConnReader, ConnWriter) {
 /// Splits a WebSocket.
 pub fn websocket(ws: Ws) -> (ConnReader, ConnWriter) {
     let (w, r) = ws.split();
-    (ConnReader::Ws(r), ConnWriter::Ws(w))
+    (ConnReader::Ws(r), ConnWriter::Ws(Box::new(w)))
 }
 
 impl ConnReader {
