@@ -103,7 +103,15 @@ struct ReadState {
     last_dst: Option<(PublicKey, u64)>,
     not_here: NotHereLimit,
     bucket: Bucket,
-    mesh_in: super::mesh::MeshIn,
+    /// Mesh peers' ForwardPacket state; allocated on a peer's first one, so
+    /// ordinary clients do not carry it.
+    mesh_in: Option<Box<super::mesh::MeshIn>>,
+}
+
+impl ReadState {
+    fn mesh_in(&mut self) -> &mut super::mesh::MeshIn {
+        self.mesh_in.get_or_insert_with(Box::default)
+    }
 }
 
 /// How a busy stretch of reads ended.
@@ -117,38 +125,42 @@ enum Busy {
 /// boxed, allocated only while the client is sending: a task's state is as
 /// large as its largest await point, and the per-frame locals of the busy
 /// loop would otherwise be carried by every idle client (most clients, most
-/// of the time).
-pub(super) async fn read_loop(
+/// of the time). A plain fn returning an async block, as `write_loop`: an
+/// `async fn` would hold its arguments twice.
+#[allow(clippy::manual_async_fn)]
+pub(super) fn read_loop(
     mut rd: ConnReader,
     mut buf: BytesMut,
     h: Arc<ClientHandle>,
     deps: Arc<ConnDeps>,
-) -> CloseReason {
-    let mut st = ReadState {
-        hint: MIN_READ,
-        last_dst: None,
-        not_here: NotHereLimit {
-            tokens: NOT_HERE_BURST,
-            at: Instant::now(),
-        },
-        bucket: Bucket::new(),
-        mesh_in: super::mesh::MeshIn::default(),
-    };
-    loop {
-        // Bytes left over from the handshake are handled before any read.
-        if let Busy::Closed(why) =
-            Box::pin(read_frames(&mut rd, &mut buf, &h, &deps, &mut st)).await
-        {
-            return why;
-        }
-        #[cfg(feature = "test-hooks")]
-        super::test_hooks::check(&h, super::test_hooks::Part::Reader);
-        match rd.read_first(&mut buf).await {
-            Ok(0) => return CloseReason::Eof,
-            Ok(n) => pace(n, &h, &deps, &mut st.bucket).await,
-            Err(e) => {
-                tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "read failed");
-                return rd.close_reason(&e);
+) -> impl Future<Output = CloseReason> {
+    async move {
+        let mut st = ReadState {
+            hint: MIN_READ,
+            last_dst: None,
+            not_here: NotHereLimit {
+                tokens: NOT_HERE_BURST,
+                at: Instant::now(),
+            },
+            bucket: Bucket::new(),
+            mesh_in: None,
+        };
+        loop {
+            // Bytes left over from the handshake are handled before any read.
+            if let Busy::Closed(why) =
+                Box::pin(read_frames(&mut rd, &mut buf, &h, &deps, &mut st)).await
+            {
+                return why;
+            }
+            #[cfg(feature = "test-hooks")]
+            super::test_hooks::check(&h, super::test_hooks::Part::Reader);
+            match rd.read_first(&mut buf).await {
+                Ok(0) => return CloseReason::Eof,
+                Ok(n) => pace(n, &h, &deps, &mut st.bucket).await,
+                Err(e) => {
+                    tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "read failed");
+                    return rd.close_reason(&e);
+                }
             }
         }
     }
@@ -334,15 +346,7 @@ async fn read_frames(
                     let via = h.key;
                     match queued {
                         Ok((id, Ok(()))) => {
-                            super::mesh::forwarded_in(
-                                via,
-                                src,
-                                dst,
-                                id,
-                                len,
-                                deps,
-                                &mut st.mesh_in,
-                            );
+                            super::mesh::forwarded_in(via, src, dst, id, len, deps, st.mesh_in());
                         }
                         Ok((_, Err((DropReason::QueueHead, packet)))) => {
                             wakes.wake_all();
@@ -350,21 +354,14 @@ async fn read_frames(
                             // not carry this arm's locals.
                             Box::pin(async {
                                 tokio::task::yield_now().await;
-                                super::mesh::forward_in(
-                                    via,
-                                    src,
-                                    dst,
-                                    packet,
-                                    deps,
-                                    &mut st.mesh_in,
-                                );
+                                super::mesh::forward_in(via, src, dst, packet, deps, st.mesh_in());
                             })
                             .await;
                         }
                         Ok((_, Err((r, _)))) => m.dropped(r).inc(),
                         // Not local: the one-hop path counts it as not here.
                         Err(packet) => {
-                            super::mesh::forward_in(via, src, dst, packet, deps, &mut st.mesh_in);
+                            super::mesh::forward_in(via, src, dst, packet, deps, st.mesh_in());
                         }
                     }
                 }
@@ -372,7 +369,7 @@ async fn read_frames(
                 f @ (ClientFrame::WatchConns
                 | ClientFrame::ClosePeer(_)
                 | ClientFrame::ForwardPacket { .. }) => {
-                    if let Err(why) = super::mesh::handle(f, h, deps, &mut st.mesh_in) {
+                    if let Err(why) = super::mesh::handle(f, h, deps, st.mesh_in()) {
                         return Busy::Closed(why);
                     }
                 }
