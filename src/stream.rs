@@ -4,9 +4,10 @@
 //! tungstenite reads roughly one WebSocket frame per read call (its own buffer
 //! is kept tiny so idle clients stay cheap, and it zeroes whatever it reads
 //! into), and rustls reads at most one 4 KiB chunk per call: a syscall per
-//! frame or record on a busy connection. This wrapper notices when reads come back full and
-//! switches to reading ahead in large chunks, serving tungstenite from memory;
-//! when traffic dies down it drops its buffer and reads straight through again.
+//! frame or record on a busy connection. This wrapper notices when reads come
+//! back full and switches to reading ahead in large chunks, serving the codec
+//! from memory; when traffic dies down it drops its buffer and reads straight
+//! through again.
 
 use std::io;
 use std::pin::Pin;

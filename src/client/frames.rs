@@ -10,8 +10,6 @@ use bytes::BytesMut;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-use crate::stream::ReadAhead;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -23,6 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::error::{ClientError, ws_io_error};
 use super::net::Conn;
 use crate::protocol::frame::{RawFrame, bytes_needed, decode_frame, server_frame_limit};
+use crate::stream::ReadAhead;
 
 /// A frame-sized read: big enough that a full 64 KiB packet is one read.
 const READ_CHUNK: usize = 64 << 10;

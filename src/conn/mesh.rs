@@ -21,12 +21,13 @@ pub(super) struct MeshIn {
     last: Option<(PublicKey, PublicKey, u64)>,
 }
 
-/// Handles WatchConns, ClosePeer or ForwardPacket; `Err` closes the connection.
+/// Handles WatchConns and ClosePeer, and refuses every mesh frame from a
+/// client that is not a mesh peer; `Err` closes the connection. A mesh
+/// peer's ForwardPacket is batched by the reader itself.
 pub(super) fn handle(
     f: ClientFrame,
     h: &Arc<ClientHandle>,
     deps: &ConnDeps,
-    st: &mut MeshIn,
 ) -> Result<(), CloseReason> {
     if !h.is_mesh_peer() {
         tracing::info!(target: "derp_relay::mesh", key = %h.key, remote = %h.remote, "mesh frame from a non-mesh client; closing");
@@ -41,9 +42,6 @@ pub(super) fn handle(
             for c in conns.iter().filter(|c| !c.is_mesh_peer()) {
                 c.close(CloseReason::ClosePeer);
             }
-        }
-        ClientFrame::ForwardPacket { src, dst, packet } => {
-            forward_in(h.key, src, dst, packet, deps, st)
         }
         _ => {}
     }
@@ -70,6 +68,8 @@ pub(super) fn forwarded_in(
     }
 }
 
+/// Routes a forwarded packet the batched path could not queue at once (its
+/// destination's queue was full), evicting as usual.
 pub(super) fn forward_in(
     via: PublicKey,
     src: PublicKey,
@@ -79,28 +79,25 @@ pub(super) fn forward_in(
     st: &mut MeshIn,
 ) {
     let shared = &deps.state;
-    let m = &shared.metrics;
     let len = packet.len() as u64;
     let disco = frame::is_disco(&packet);
     // Local only: a forwarded packet is never forwarded again (one hop).
     match shared.clients.route_local(src, &dst, packet, disco) {
         Ok((conn, head_drop)) => {
-            m.mesh.packets_in.inc();
-            m.mesh.bytes_in.inc_by(len);
             if let Some(r) = head_drop {
-                m.dropped(r).inc();
+                shared.metrics.dropped(r).inc();
             }
-            if st.last != Some((src, dst, conn)) {
-                shared.clients.remote.note_receiver(&src, via, dst, conn);
-                st.last = Some((src, dst, conn));
-            }
+            forwarded_in(via, src, dst, conn, len, deps, st);
         }
-        Err(r) => {
-            m.dropped(r).inc();
-            if r == DropReason::UnknownDestOnFwd {
-                tracing::trace!(target: "derp_relay::mesh", %src, %dst, "forwarded packet for a key not here");
-            }
-        }
+        Err(r) => dropped_in(r, src, dst, deps),
+    }
+}
+
+/// Counts a forwarded packet that could not be delivered here.
+pub(super) fn dropped_in(r: DropReason, src: PublicKey, dst: PublicKey, deps: &ConnDeps) {
+    deps.state.metrics.dropped(r).inc();
+    if r == DropReason::UnknownDestOnFwd {
+        tracing::trace!(target: "derp_relay::mesh", %src, %dst, "forwarded packet for a key not here");
     }
 }
 

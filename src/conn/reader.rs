@@ -5,11 +5,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt as _;
 
 use super::ConnDeps;
 use super::pace::Bucket;
 use super::transport::ConnReader;
+use crate::metrics::Metrics;
 use crate::protocol::frame::{self, FrameType};
 use crate::protocol::{ClientFrame, FrameError, PeerGoneReason, PublicKey};
 use crate::reasons::{CloseReason, DropReason};
@@ -65,6 +67,22 @@ impl Wakes {
         self.0.push(d.clone());
     }
 
+    /// Queues a packet for `d` without waking its writer, which is noted
+    /// here and woken once this read's frames are routed.
+    fn queue(
+        &mut self,
+        d: &Arc<ClientHandle>,
+        src: PublicKey,
+        p: Bytes,
+        disco: bool,
+    ) -> (u64, Result<(), (DropReason, Bytes)>) {
+        let r = d.queue.try_push_packet(src, p, disco);
+        if !matches!(r, Err((DropReason::GoneDisconnected, _))) {
+            self.add(d);
+        }
+        (d.conn_id, r)
+    }
+
     /// Wakes and forgets every writer noted; true if there was one.
     fn wake_all(&mut self) -> bool {
         let any = !self.0.is_empty();
@@ -81,13 +99,58 @@ impl Drop for Wakes {
     }
 }
 
+/// Packets and bytes counted locally and published once per read: one
+/// shared atomic add per read instead of per packet.
+#[derive(Default)]
+struct Tally {
+    routed: u64,
+    received: u64,
+}
+
+impl Tally {
+    fn publish(&mut self, m: &Metrics) {
+        m.packets_routed.inc_by(self.routed);
+        m.bytes_received.inc_by(self.received);
+        *self = Tally::default();
+    }
+}
+
+/// A queued packet's connection id, counting the older packet it evicted.
+fn settle(
+    m: &Metrics,
+    r: Result<(u64, Option<DropReason>), DropReason>,
+) -> Result<u64, DropReason> {
+    r.map(|(id, evicted)| {
+        if let Some(e) = evicted {
+            m.dropped(e).inc();
+        }
+        id
+    })
+}
+
+/// A read's byte count, or why the connection ends.
+fn read_result(
+    r: std::io::Result<usize>,
+    rd: &ConnReader,
+    h: &ClientHandle,
+) -> Result<usize, CloseReason> {
+    match r {
+        Ok(0) => Err(CloseReason::Eof),
+        Ok(n) => Ok(n),
+        Err(e) => {
+            tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "read failed");
+            Err(rd.close_reason(&e))
+        }
+    }
+}
+
 /// Lets the writers this read woke run (they wait in this worker's run
 /// queue), then queues as usual, evicting the oldest if still full.
 async fn route_after_yield(
     clients: &crate::routing::Clients,
     src: PublicKey,
     dst: PublicKey,
-    packet: bytes::Bytes,
+    packet: Bytes,
     disco: bool,
 ) -> (PublicKey, Result<(u64, Option<DropReason>), DropReason>) {
     tokio::task::yield_now().await;
@@ -154,13 +217,9 @@ pub(super) fn read_loop(
             }
             #[cfg(feature = "test-hooks")]
             super::test_hooks::check(&h, super::test_hooks::Part::Reader);
-            match rd.read_first(&mut buf).await {
-                Ok(0) => return CloseReason::Eof,
+            match read_result(rd.read_first(&mut buf).await, &rd, &h) {
                 Ok(n) => pace(n, &h, &deps, &mut st.bucket).await,
-                Err(e) => {
-                    tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "read failed");
-                    return rd.close_reason(&e);
-                }
+                Err(why) => return why,
             }
         }
     }
@@ -193,10 +252,7 @@ async fn read_frames(
 ) -> Busy {
     let shared = &deps.state;
     let m = &shared.metrics;
-    // Counted locally and published once per read: one shared atomic add per
-    // read instead of per packet.
-    let mut routed = 0u64;
-    let mut received = 0u64;
+    let mut tally = Tally::default();
     // Writers this read's packets went to, woken once when the read's
     // frames are all routed rather than once per packet.
     let mut wakes = Wakes::default();
@@ -224,85 +280,58 @@ async fn read_frames(
             };
             match f {
                 ClientFrame::SendPacket { mut dst, packet } => {
-                    received += packet.len() as u64;
+                    tally.received += packet.len() as u64;
                     if h.should_request_activity() {
                         deps.registrar.activity(h.clone());
                     }
                     let disco = frame::is_disco(&packet);
                     let src = h.key;
-                    let mut routed_to = match shared.clients.with_active(&dst, packet, |d, p| {
-                        let r = d.queue.try_push_packet(src, p, disco);
-                        if !matches!(r, Err((DropReason::GoneDisconnected, _))) {
-                            wakes.add(d);
+                    let first = shared
+                        .clients
+                        .with_active(&dst, packet, |d, p| wakes.queue(d, src, p, disco));
+                    let outcome = match first {
+                        Ok((id, Ok(()))) => Ok(id),
+                        Ok((_, Err((DropReason::QueueHead, packet)))) => {
+                            // Full: let its writer drain what this read queued
+                            // (it waits in this worker's run queue) before
+                            // evicting anything; then queue as usual.
+                            wakes.wake_all();
+                            tally.publish(m);
+                            // Boxed: whatever is live across this await is kept
+                            // in the reader's state.
+                            let (back, r) = Box::pin(route_after_yield(
+                                &shared.clients,
+                                src,
+                                dst,
+                                packet,
+                                disco,
+                            ))
+                            .await;
+                            dst = back;
+                            settle(m, r)
                         }
-                        (d.conn_id, r)
-                    }) {
-                        Ok(r) => r,
-                        // Not a local key: a mesh peer may have it. A full
-                        // link queue is handled as a full local one below:
-                        // let its writer drain before evicting.
+                        Ok((_, Err((r, _)))) => Err(r),
+                        // Not a local key: a mesh peer may have it.
                         Err(packet) => match shared.clients.remote.try_forward(src, &dst, packet) {
-                            TryForward::Queued => (0, Ok(())),
+                            TryForward::Queued => Ok(0),
                             TryForward::Full(link, f) => {
                                 // The link writer is behind its TCP stream:
                                 // wait for it (bounded) instead of reading
                                 // more only to evict. Local writers noted so
                                 // far are not held up meanwhile.
                                 wakes.wake_all();
-                                m.packets_routed.inc_by(routed);
-                                m.bytes_received.inc_by(received);
-                                (routed, received) = (0, 0);
+                                tally.publish(m);
                                 let r =
                                     Box::pin(link.queue.push_when_room(f, MESH_ROOM_WAIT)).await;
-                                match r {
-                                    Ok(evicted) => {
-                                        if let Some(r) = evicted {
-                                            m.dropped(r).inc();
-                                        }
-                                        (0, Ok(()))
-                                    }
-                                    Err(r) => (0, Err((r, bytes::Bytes::new()))),
-                                }
+                                settle(m, r.map(|evicted| (0, evicted)))
                             }
-                            TryForward::Down => {
-                                (0, Err((DropReason::MeshQueue, bytes::Bytes::new())))
-                            }
-                            TryForward::Unknown(_) => {
-                                (0, Err((DropReason::UnknownDest, bytes::Bytes::new())))
-                            }
+                            TryForward::Down => Err(DropReason::MeshQueue),
+                            TryForward::Unknown(_) => Err(DropReason::UnknownDest),
                         },
-                    };
-                    if let (_, Err((DropReason::QueueHead, packet))) = routed_to {
-                        // Full: let its writer drain what this read queued
-                        // (it waits in this worker's run queue) before
-                        // evicting anything; then queue as usual.
-                        wakes.wake_all();
-                        m.packets_routed.inc_by(routed);
-                        m.bytes_received.inc_by(received);
-                        (routed, received) = (0, 0);
-                        // Boxed: whatever is live across this await is kept
-                        // in every reader task's state, idle ones included.
-                        let (back, r) =
-                            Box::pin(route_after_yield(&shared.clients, src, dst, packet, disco))
-                                .await;
-                        dst = back;
-                        routed_to = match r {
-                            Ok((id, head_drop)) => {
-                                if let Some(r) = head_drop {
-                                    m.dropped(r).inc();
-                                }
-                                (id, Ok(()))
-                            }
-                            Err(r) => (0, Err((r, bytes::Bytes::new()))),
-                        };
-                    }
-                    let outcome = match routed_to {
-                        (id, Ok(())) => Ok(id),
-                        (_, Err((r, _))) => Err(r),
                     };
                     match outcome {
                         Ok(dst_conn) => {
-                            routed += 1;
+                            tally.routed += 1;
                             if st.last_dst != Some((dst, dst_conn)) {
                                 h.note_sent_to(dst, dst_conn);
                                 st.last_dst = Some((dst, dst_conn));
@@ -336,13 +365,9 @@ async fn read_frames(
                 ClientFrame::ForwardPacket { src, dst, packet } if h.is_mesh_peer() => {
                     let len = packet.len() as u64;
                     let disco = frame::is_disco(&packet);
-                    let queued = shared.clients.with_active(&dst, packet, |d, p| {
-                        let r = d.queue.try_push_packet(src, p, disco);
-                        if !matches!(r, Err((DropReason::GoneDisconnected, _))) {
-                            wakes.add(d);
-                        }
-                        (d.conn_id, r)
-                    });
+                    let queued = shared
+                        .clients
+                        .with_active(&dst, packet, |d, p| wakes.queue(d, src, p, disco));
                     let via = h.key;
                     match queued {
                         Ok((id, Ok(()))) => {
@@ -359,9 +384,9 @@ async fn read_frames(
                             .await;
                         }
                         Ok((_, Err((r, _)))) => m.dropped(r).inc(),
-                        // Not local: the one-hop path counts it as not here.
-                        Err(packet) => {
-                            super::mesh::forward_in(via, src, dst, packet, deps, st.mesh_in());
+                        // Not local, and never forwarded again (one hop).
+                        Err(_) => {
+                            super::mesh::dropped_in(DropReason::UnknownDestOnFwd, src, dst, deps);
                         }
                     }
                 }
@@ -369,20 +394,19 @@ async fn read_frames(
                 f @ (ClientFrame::WatchConns
                 | ClientFrame::ClosePeer(_)
                 | ClientFrame::ForwardPacket { .. }) => {
-                    if let Err(why) = super::mesh::handle(f, h, deps, st.mesh_in()) {
+                    if let Err(why) = super::mesh::handle(f, h, deps) {
                         return Busy::Closed(why);
                     }
                 }
             }
         }
-        m.packets_routed.inc_by(routed);
-        m.bytes_received.inc_by(received);
-        if wakes.wake_all() && (routed > 1 || h.is_mesh_peer()) {
+        let batch = tally.routed;
+        tally.publish(m);
+        if wakes.wake_all() && (batch > 1 || h.is_mesh_peer()) {
             // Let the writers just woken (in this worker's run queue) write
             // this read's batch before the next read adds to it.
             tokio::task::yield_now().await;
         }
-        (routed, received) = (0, 0);
         let hint = st.hint;
         if buf.is_empty() && buf.capacity() > 4 * hint {
             *buf = BytesMut::new();
@@ -394,35 +418,27 @@ async fn read_frames(
         // small, and the socket has nothing right now: a client sending
         // steadily stays here (one message per read on WebSocket keeps the
         // hint at its minimum), and the busy state is not rebuilt per read.
-        let may_idle = buf.is_empty() && hint == MIN_READ;
-        let read = {
-            let mut read = std::pin::pin!(rd.read_some(buf, want));
-            match std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await {
-                std::task::Poll::Ready(r) => Some(r),
-                std::task::Poll::Pending if may_idle => None,
-                std::task::Poll::Pending => Some(read.await),
-            }
+        let read = if buf.is_empty() && hint == MIN_READ {
+            let now = rd.read_some(buf, want).now_or_never();
+            let Some(read) = now else {
+                // Hold no buffer while waiting. Most clients are idle most
+                // of the time, and this is most of what one costs.
+                *buf = BytesMut::new();
+                return Busy::Idle;
+            };
+            read
+        } else {
+            rd.read_some(buf, want).await
         };
-        let Some(read) = read else {
-            // Hold no buffer while waiting. Most clients are idle most of
-            // the time, and this is most of what one costs.
-            *buf = BytesMut::new();
-            return Busy::Idle;
+        let n = match read_result(read, rd, h) {
+            Ok(n) => n,
+            Err(why) => return Busy::Closed(why),
         };
-        match read {
-            Ok(0) => return Busy::Closed(CloseReason::Eof),
-            Ok(n) => {
-                pace(n, h, deps, &mut st.bucket).await;
-                if n >= want {
-                    st.hint = (hint * 2).min(MAX_READ);
-                } else if n < hint / 4 {
-                    st.hint = (hint / 2).max(MIN_READ);
-                }
-            }
-            Err(e) => {
-                tracing::debug!(target: "derp_relay::core", key = %h.key, error = %e, "read failed");
-                return Busy::Closed(rd.close_reason(&e));
-            }
+        pace(n, h, deps, &mut st.bucket).await;
+        if n >= want {
+            st.hint = (hint * 2).min(MAX_READ);
+        } else if n < hint / 4 {
+            st.hint = (hint / 2).max(MIN_READ);
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct MeshLink {
     pub name: String,
     /// Where it is dialled.
     pub dial: String,
+    /// `dial` when it is an address.
+    dial_ip: Option<IpAddr>,
     pub queue: ForwardQueue,
     state: AtomicU8,
     /// Keys learned through this link; written by its task only.
@@ -57,6 +59,7 @@ impl MeshLink {
         MeshLink {
             id,
             name,
+            dial_ip: dial.parse::<IpAddr>().ok().map(|ip| ip.to_canonical()),
             dial,
             queue: ForwardQueue::new(queue_depth),
             state: AtomicU8::new(MeshPeerState::Connecting as u8),
@@ -67,20 +70,21 @@ impl MeshLink {
         }
     }
 
-    /// The addresses the peer is known by: `dial` itself when it is an
-    /// address, else what it last resolved to.
-    pub fn addresses(&self) -> Vec<IpAddr> {
-        match self.dial.parse::<IpAddr>() {
-            Ok(ip) => vec![ip.to_canonical()],
-            Err(_) => self
+    /// True if the peer's own connections to us come from `ip`: the
+    /// address it is dialled at, or what its host name last resolved to.
+    pub fn is_at(&self, ip: &IpAddr) -> bool {
+        match self.dial_ip {
+            Some(d) => d == *ip,
+            None => self
                 .resolved
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+                .contains(ip),
         }
     }
 
-    pub fn set_resolved(&self, ips: Vec<IpAddr>) {
+    /// Records what the host name in `dial` resolved to.
+    pub fn set_resolved(&self, ips: impl IntoIterator<Item = IpAddr>) {
         *self.resolved.lock().unwrap_or_else(|p| p.into_inner()) =
             ips.into_iter().map(|ip| ip.to_canonical()).collect();
     }
@@ -270,9 +274,6 @@ pub struct RemoteKeys {
     /// to us) before the PeerPresent for its sender (on ours to the peer).
     receivers: DashMap<PublicKey, Receivers, foldhash::fast::RandomState>,
     links: RwLock<Vec<std::sync::Arc<MeshLink>>>,
-    /// Addresses mesh peers are dialled at: their connections to us come
-    /// from there and are not held to per-address limits.
-    peer_ips: RwLock<HashSet<IpAddr>>,
 }
 
 /// Local receivers of one remote sender, and the peer (server key) its
@@ -355,21 +356,13 @@ impl RemoteKeys {
             .retain(|l| l.id != id);
     }
 
-    pub fn set_peer_ips(&self, ips: HashSet<IpAddr>) {
-        *self.peer_ips.write().unwrap_or_else(|p| p.into_inner()) = ips;
-    }
-
-    pub fn add_peer_ip(&self, ip: IpAddr) {
-        self.peer_ips
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ip);
-    }
-
-    /// True for an address a mesh peer is dialled at.
+    /// True for an address a mesh peer connects from (see
+    /// [`MeshLink::is_at`]): its connections are not held to per-address
+    /// limits.
     pub fn is_peer_ip(&self, ip: &IpAddr) -> bool {
-        let ips = self.peer_ips.read().unwrap_or_else(|p| p.into_inner());
-        !ips.is_empty() && ips.contains(&ip.to_canonical())
+        let ip = ip.to_canonical();
+        let links = self.links.read().unwrap_or_else(|p| p.into_inner());
+        links.iter().any(|l| l.is_at(&ip))
     }
 
     /// PeerPresent: `key` is reachable through `link`. True if the key was
@@ -525,20 +518,26 @@ mod tests {
         assert_eq!(l.queue.push(f(b"d")), Err(DropReason::MeshQueue));
     }
 
+    /// A sender waiting (long enough never to time out here) for room.
+    fn wait_for_room(
+        l: &Arc<MeshLink>,
+        f: Forward,
+    ) -> tokio::task::JoinHandle<Result<Option<DropReason>, DropReason>> {
+        let l = l.clone();
+        tokio::spawn(async move {
+            l.queue
+                .push_when_room(f, std::time::Duration::from_secs(30))
+                .await
+        })
+    }
+
     #[tokio::test]
     async fn a_full_queue_waits_for_the_writer_then_evicts_at_the_deadline() {
         let l = link(1);
         let f = |b: &'static [u8]| (k(1), k(2), Bytes::from_static(b));
         l.queue.push(f(b"a")).unwrap();
         l.queue.push(f(b"b")).unwrap();
-        let waiter = {
-            let l = l.clone();
-            tokio::spawn(async move {
-                l.queue
-                    .push_when_room(f(b"c"), std::time::Duration::from_secs(30))
-                    .await
-            })
-        };
+        let waiter = wait_for_room(&l, f(b"c"));
         // The writer takes its batch: the waiter gets in without evicting.
         let mut out = VecDeque::new();
         assert!(l.queue.next_batch(&mut out).await);
@@ -557,14 +556,7 @@ mod tests {
         assert_eq!(left, [Bytes::from_static(b"d"), Bytes::from_static(b"e")]);
 
         // A link that goes down while a sender waits drops the packet.
-        let waiter = {
-            let l = l.clone();
-            tokio::spawn(async move {
-                l.queue
-                    .push_when_room(f(b"f"), std::time::Duration::from_secs(30))
-                    .await
-            })
-        };
+        let waiter = wait_for_room(&l, f(b"f"));
         tokio::task::yield_now().await;
         l.queue.close();
         assert_eq!(waiter.await.unwrap(), Err(DropReason::MeshQueue));

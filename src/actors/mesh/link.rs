@@ -239,11 +239,7 @@ async fn session(link: &Arc<MeshLink>, ctx: &LinkCtx, t: &Target) -> Result<End,
         // own link to us (from one of them) is not held to per-IP limits. A
         // failed lookup is reported by the connect below.
         if let Ok(addrs) = tokio::net::lookup_host((t.dial.as_str(), t.port)).await {
-            let ips: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
-            link.set_resolved(ips);
-            for ip in link.addresses() {
-                ctx.shared.clients.remote.add_peer_ip(ip);
-            }
+            link.set_resolved(addrs.map(|a| a.ip()));
         }
     }
     let connect = async {

@@ -299,13 +299,6 @@ impl MeshState {
                 self.start_link(myself, t).await;
             }
         }
-        // Addresses peers are dialled at: their links to us come from there.
-        let ips: HashSet<IpAddr> = self
-            .links
-            .values()
-            .flat_map(|e| e.link.addresses())
-            .collect();
-        self.shared.clients.remote.set_peer_ips(ips);
     }
 
     async fn start_link(&mut self, myself: &ActorRef<MeshMsg>, t: Target) {

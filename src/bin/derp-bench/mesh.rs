@@ -20,6 +20,7 @@ use crate::load::{
     BenchUrl, Endpoint, LoadArgs, ROLE_RECEIVER, RunResult, Target, check_load, open_endpoint,
     run_load_between,
 };
+use crate::tofu::UNGATED;
 use crate::tofu::tempfile_dir::Dir;
 
 #[derive(Args, Clone, Debug)]
@@ -144,14 +145,8 @@ fn spawn_node(
     let log_file =
         std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
     let child = Command::new(relay)
+        .args(UNGATED)
         .args([
-            "--open-relay",
-            "--rate-limit",
-            "0",
-            "--max-clients",
-            "0",
-            "--max-pending-per-ip",
-            "0",
             "--stun=false",
             // A node started later must be dialled promptly by the others.
             "--mesh-backoff-max",

@@ -26,7 +26,7 @@ use tokio::time::{sleep, timeout};
 
 use crate::idle::raise_nofile_limit;
 use crate::load::{BenchUrl, KEY_LEN};
-use crate::tofu::{connect_as, spawn_relay, tempfile_dir};
+use crate::tofu::{UNGATED, connect_as, spawn_relay, tempfile_dir};
 
 #[derive(Args, Clone, Debug)]
 pub(crate) struct StormArgs {
@@ -261,27 +261,16 @@ async fn client(
 
 /// Starts the relay and returns it with the moment it said it listens.
 async fn start_relay(a: &StormArgs, data_dir: &std::path::Path) -> Result<(Child, Instant)> {
-    let args: Vec<std::ffi::OsString> = [
-        "--open-relay",
-        "--rate-limit",
-        "0",
-        "--max-pending-per-ip",
-        "0",
-        "--max-clients",
-        "0",
-        "--stun=false",
-        "--shutdown-timeout",
-        "10s",
-        "--addr",
-    ]
-    .into_iter()
-    .map(Into::into)
-    .chain([
-        a.addr.to_string().into(),
-        "--data-dir".into(),
-        data_dir.into(),
-    ])
-    .collect();
+    let args: Vec<std::ffi::OsString> = UNGATED
+        .into_iter()
+        .chain(["--stun=false", "--shutdown-timeout", "10s", "--addr"])
+        .map(Into::into)
+        .chain([
+            a.addr.to_string().into(),
+            "--data-dir".into(),
+            data_dir.into(),
+        ])
+        .collect();
     let (child, _, at) = spawn_relay(&a.relay, &args).await?;
     Ok((child, at))
 }

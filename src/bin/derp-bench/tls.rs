@@ -14,7 +14,7 @@ use tokio::time::sleep;
 
 use crate::compare::{median_result, print_throughput_table};
 use crate::load::{BenchUrl, LoadArgs, RunResult, Target, check_load, run_load};
-use crate::tofu::{spawn_relay, tempfile_dir};
+use crate::tofu::{UNGATED, spawn_relay, tempfile_dir};
 
 #[derive(Args, Clone, Debug)]
 pub(crate) struct TlsArgs {
@@ -42,21 +42,12 @@ impl Drop for RelayChild {
 
 async fn start(relay: &std::path::Path, tls: bool) -> Result<(RelayChild, std::net::SocketAddr)> {
     let dir = tempfile_dir::Dir::new(if tls { "tls" } else { "plain" })?;
-    let mut args: Vec<OsString> = [
-        "--open-relay",
-        "--rate-limit",
-        "0",
-        "--max-pending-per-ip",
-        "0",
-        "--max-clients",
-        "0",
+    let mut args: Vec<OsString> = UNGATED
+        .into_iter()
         // Two relays at once: neither needs the STUN port.
-        "--stun=false",
-        "--addr",
-        "127.0.0.1:0",
-    ]
-    .map(Into::into)
-    .to_vec();
+        .chain(["--stun=false", "--addr", "127.0.0.1:0"])
+        .map(Into::into)
+        .collect();
     if tls {
         args.extend(["--tls-self-signed", "127.0.0.1"].map(Into::into));
     }

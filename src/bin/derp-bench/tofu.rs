@@ -68,6 +68,19 @@ pub(crate) mod tempfile_dir {
     }
 }
 
+/// Relay flags that admit anyone and turn every per-address and global limit
+/// off: the bench spreads its clients over loopback addresses and measures the
+/// relay, not its admission gate.
+pub(crate) const UNGATED: [&str; 7] = [
+    "--open-relay",
+    "--rate-limit",
+    "0",
+    "--max-pending-per-ip",
+    "0",
+    "--max-clients",
+    "0",
+];
+
 /// Starts `relay` with `args` and waits for the address it listens on (from
 /// its log, which keeps being drained so the relay never blocks on the pipe).
 pub(crate) async fn spawn_relay(
@@ -144,23 +157,18 @@ pub(crate) async fn start_tofu_relay(
     }
     b.write_atomic(&path).context("writing bindings")?;
     let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-    let mut args: Vec<std::ffi::OsString> = [
-        "--open-relay",
-        "--tofu-lock",
-        "--rate-limit",
-        "0",
-        "--max-pending-per-ip",
-        "0",
-        "--max-clients",
-        "0",
-        "--tofu-max-bindings",
-        "0",
-        "--addr",
-        "127.0.0.1:0",
-        "--data-dir",
-    ]
-    .map(Into::into)
-    .to_vec();
+    let mut args: Vec<std::ffi::OsString> = UNGATED
+        .into_iter()
+        .chain([
+            "--tofu-lock",
+            "--tofu-max-bindings",
+            "0",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .map(Into::into)
+        .collect();
     args.push(dir.path().into());
     let (child, addr, _) = spawn_relay(relay, &args).await?;
     out!(
