@@ -227,8 +227,13 @@ impl Bindings {
             let parsed = serde_json::from_str::<JournalLine>(line.trim_end());
             let entry = match parsed {
                 Ok(e) if line.ends_with('\n') => e,
-                // Only the final line can be torn by a crash mid-append.
-                _ if last => break,
+                // Only the final line can be torn by a crash mid-append. The
+                // next write must not append after the fragment, or the
+                // fragment and that write become one bad line mid-file.
+                _ if last => {
+                    self.needs_snapshot = true;
+                    break;
+                }
                 Err(e) => return Err(format!("{}: {e}", i + 1)),
                 Ok(_) => return Err(format!("{}: line not terminated", i + 1)),
             };
@@ -652,7 +657,27 @@ mod tests {
         assert_eq!(back.get(&PublicKey([1; 32])).unwrap().connections, 2);
         // A torn last line is dropped; the rest stands.
         std::fs::write(journal_path(&p), format!("{journal}{{\"key\":\"abc")).unwrap();
-        assert_eq!(Bindings::load(&p).unwrap().len(), 2);
+        let mut torn = Bindings::load(&p).unwrap();
+        assert_eq!(torn.len(), 2);
+        // The relay goes on after such a crash: its next write replaces the
+        // journal instead of appending to the fragment.
+        torn.seen(PublicKey([3; 32]), None, addr(), 300);
+        assert!(matches!(torn.take_write(), Some(Write_::Snapshot { .. })));
+        torn.wrote(None, false); // not run: the next write still snapshots
+        write(&mut torn, &p);
+        torn.seen(PublicKey([4; 32]), None, addr(), 400);
+        write(&mut torn, &p);
+        assert_eq!(Bindings::load(&p).unwrap().len(), 4);
+        let journal = {
+            let mut b = Bindings::default();
+            b.seen(PublicKey([1; 32]), None, addr(), 100);
+            b.needs_snapshot = true;
+            write(&mut b, &p);
+            b.seen(PublicKey([1; 32]), None, addr(), 200);
+            b.seen(PublicKey([2; 32]), None, addr(), 200);
+            write(&mut b, &p);
+            std::fs::read_to_string(journal_path(&p)).unwrap()
+        };
         // A bad line in the middle is an error naming the line.
         std::fs::write(journal_path(&p), format!("{journal}oops\n{journal}")).unwrap();
         let e = Bindings::load(&p).unwrap_err();
