@@ -41,6 +41,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Packets queued per client (and again for disco packets) before the oldest is dropped.
     pub queue_depth: usize,
+    /// How long a sender may wait for a full queue's writer to take its batch
+    /// before the oldest packet is dropped; zero drops at once (derper).
+    #[serde(with = "duration_text")]
+    pub queue_wait: Duration,
     /// A client whose socket does not take a batch within this long is disconnected.
     #[serde(with = "duration_text")]
     pub write_timeout: Duration,
@@ -170,6 +174,7 @@ impl Default for Config {
             open_relay: false,
             log_format: LogFormat::Text,
             queue_depth: 32,
+            queue_wait: Duration::from_millis(10),
             write_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
@@ -254,6 +259,11 @@ pub struct Flags {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_depth: Option<usize>,
+    /// Longest wait of a sender for a full client queue's writer, e.g. `10ms`
+    /// (`0s`: drop the oldest at once).
+    #[arg(long, value_name = "DURATION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_wait: Option<String>,
     /// Per-batch socket write timeout, e.g. `2s`.
     #[arg(long, value_name = "DURATION")]
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -547,3 +547,46 @@ async fn websocket_violations_after_handshake_get_close_codes() {
     a.send_one(kb.public, b"still fine").await.unwrap();
     assert_eq!(recv_ts(&b).await.1, b"still fine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_stops_reading_does_not_hold_its_senders_back() {
+    // A long queue wait, so a wait per packet would be unmistakable (10 000
+    // packets × 200 ms), and no write timeout within the test, so the stalled
+    // receiver stays connected and its queue stays full throughout.
+    let relay = start_relay(|c| {
+        c.queue_wait = std::time::Duration::from_millis(200);
+        c.write_timeout = std::time::Duration::from_secs(600);
+    })
+    .await;
+    let stalled = RawClient::connect(relay.addr, Via::Derp).await;
+    let stalled_key = stalled.key();
+    let (ka, kb) = (NodeKeyPair::random(), NodeKeyPair::random());
+    let a = ts_client(relay.addr, Via::Derp, &ka).await;
+    let b = ts_client(relay.addr, Via::Ws, &kb).await;
+    const N: u32 = 10_000;
+    let to_stalled = ts_keys::NodePublicKey::from_bytes(stalled_key.0);
+    let sender = tokio::spawn(async move {
+        // 12 MB for the stalled receiver: more than loopback's socket
+        // buffers hold, so its writer blocks and its queue fills.
+        let filler = [0u8; 1200];
+        for i in 0..N {
+            a.send_one(to_stalled, &filler).await.unwrap();
+            a.send_one(kb.public, &i.to_be_bytes()).await.unwrap();
+        }
+        a
+    });
+    let all = async {
+        for want in 0..N {
+            let (_, p) = recv_ts(&b).await;
+            // Nothing lost for the receiver that reads: a full queue makes
+            // the sender wait for its writer instead.
+            assert_eq!(p, want.to_be_bytes());
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), all)
+        .await
+        .expect("the stalled receiver held the sender back");
+    sender.await.unwrap();
+    assert!(dropped(relay.relay(), DropReason::QueueHead) > 0);
+    drop(stalled);
+}

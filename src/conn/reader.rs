@@ -16,6 +16,7 @@ use crate::protocol::frame::{self, FrameType};
 use crate::protocol::{ClientFrame, FrameError, PeerGoneReason, PublicKey};
 use crate::reasons::{CloseReason, DropReason};
 use crate::routing::{ClientHandle, Control, TryForward};
+use crate::state::Shared;
 
 /// Smallest read reservation; idle clients settle here, busy ones grow.
 const MIN_READ: usize = 1024;
@@ -145,16 +146,39 @@ fn read_result(
 }
 
 /// Lets the writers this read woke run (they wait in this worker's run
-/// queue), then queues as usual, evicting the oldest if still full.
-async fn route_after_yield(
-    clients: &crate::routing::Clients,
+/// queue); if the destination is still full, waits for its writer to take its
+/// batch (at most `queue_wait`), then queues, evicting the oldest if still
+/// full. No wait for a writer whose write has been stuck that long: a
+/// receiver that has stopped reading must not hold its senders back, so only
+/// one that drains at least `queue_depth` packets per `queue_wait` ever
+/// slows a sender.
+async fn route_when_room(
+    shared: &Shared,
     src: PublicKey,
     dst: PublicKey,
     packet: Bytes,
     disco: bool,
 ) -> (PublicKey, Result<(u64, Option<DropReason>), DropReason>) {
     tokio::task::yield_now().await;
-    let r = clients.route(src, &dst, packet, disco);
+    let wait = shared.config.queue_wait;
+    let h = match shared.clients.active(&dst) {
+        Some(h) if !wait.is_zero() => h,
+        _ => return (dst, shared.clients.route(src, &dst, packet, disco)),
+    };
+    let stuck = h
+        .write_blocked_for(shared.now_ms())
+        .is_some_and(|ms| u128::from(ms) >= wait.as_millis());
+    let r = if stuck {
+        h.queue.push_packet(src, packet, disco)
+    } else {
+        let deadline = tokio::time::Instant::now() + wait;
+        h.queue.push_when_room(src, packet, disco, deadline).await
+    };
+    let r = match r {
+        Ok(()) => Ok((h.conn_id, None)),
+        Err(DropReason::QueueHead) => Ok((h.conn_id, Some(DropReason::QueueHead))),
+        Err(r) => Err(r),
+    };
     (dst, r)
 }
 
@@ -293,20 +317,13 @@ async fn read_frames(
                         Ok((id, Ok(()))) => Ok(id),
                         Ok((_, Err((DropReason::QueueHead, packet)))) => {
                             // Full: let its writer drain what this read queued
-                            // (it waits in this worker's run queue) before
-                            // evicting anything; then queue as usual.
+                            // before evicting anything.
                             wakes.wake_all();
                             tally.publish(m);
                             // Boxed: whatever is live across this await is kept
                             // in the reader's state.
-                            let (back, r) = Box::pin(route_after_yield(
-                                &shared.clients,
-                                src,
-                                dst,
-                                packet,
-                                disco,
-                            ))
-                            .await;
+                            let (back, r) =
+                                Box::pin(route_when_room(shared, src, dst, packet, disco)).await;
                             dst = back;
                             settle(m, r)
                         }

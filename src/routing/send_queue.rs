@@ -64,12 +64,24 @@ pub struct SendQueue {
     depth: usize,
     inner: Mutex<Inner>,
     wake: Notify,
+    /// Senders waiting for room ([`Self::push_when_room`]).
+    room: Notify,
 }
 
 #[derive(Default)]
 struct Inner {
     pending: Batch,
     closed: bool,
+    /// A sender waits on `room`: the writer tells it when it takes a batch.
+    /// A flag under the lock the writer already holds, so the writer does
+    /// not touch `room` (its own lock) when no one waits, which is almost
+    /// always.
+    room_wanted: bool,
+    /// A sender's wait for room ran out since the writer last took a batch:
+    /// further senders evict at once until it takes one, so a receiver that
+    /// is not draining costs its senders one wait per batch it takes, not
+    /// one per packet.
+    gave_up: bool,
 }
 
 impl SendQueue {
@@ -78,6 +90,7 @@ impl SendQueue {
             depth: depth.max(1),
             inner: Mutex::new(Inner::default()),
             wake: Notify::new(),
+            room: Notify::new(),
         }
     }
 
@@ -143,6 +156,55 @@ impl SendQueue {
         Ok(())
     }
 
+    /// Queues a packet once the writer has taken its current batch, waiting
+    /// until `deadline` at most; then evicts the oldest as
+    /// [`Self::push_packet`] does (at once, if a wait already ran out since
+    /// the writer last took a batch). While a sender waits it reads nothing
+    /// more, so a receiver that drains a little slower than its senders send
+    /// slows them through their TCP windows, as a forwarder would, instead of
+    /// having the relay read packets only to drop them.
+    pub async fn push_when_room(
+        &self,
+        src: PublicKey,
+        data: Bytes,
+        disco: bool,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), DropReason> {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before the check, so a batch taken in between is seen.
+            room.as_mut().enable();
+            {
+                let mut g = self.lock();
+                if g.closed {
+                    return Err(DropReason::GoneDisconnected);
+                }
+                let q = if disco {
+                    &mut g.pending.disco
+                } else {
+                    &mut g.pending.packets
+                };
+                if q.len() < self.depth {
+                    q.push_back((src, data));
+                    drop(g);
+                    self.wake.notify_one();
+                    return Ok(());
+                }
+                if g.gave_up {
+                    drop(g);
+                    return self.push_packet(src, data, disco);
+                }
+                g.room_wanted = true;
+            }
+            self.wake.notify_one();
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                self.lock().gave_up = true;
+                return self.push_packet(src, data, disco);
+            }
+        }
+    }
+
     /// Wakes the writer for what [`Self::try_push_packet`] queued.
     pub fn wake(&self) {
         self.wake.notify_one();
@@ -173,10 +235,14 @@ impl SendQueue {
     /// Refuses further pushes and returns how many packets were still queued
     /// (they will never be sent).
     pub fn close(&self) -> usize {
-        let mut g = self.lock();
-        g.closed = true;
-        let n = g.pending.packet_count();
-        g.pending.clear();
+        let n = {
+            let mut g = self.lock();
+            g.closed = true;
+            let n = g.pending.packet_count();
+            g.pending.clear();
+            n
+        };
+        self.room.notify_waiters();
         n
     }
 
@@ -192,6 +258,12 @@ impl SendQueue {
                     std::mem::swap(&mut p.disco, &mut batch.disco);
                     std::mem::swap(&mut p.packets, &mut batch.packets);
                     batch.going_away = p.going_away;
+                    let wanted = std::mem::take(&mut g.room_wanted);
+                    g.gave_up = false;
+                    drop(g);
+                    if wanted {
+                        self.room.notify_waiters();
+                    }
                     return;
                 }
             }
@@ -229,6 +301,57 @@ mod tests {
             vec![Bytes::from_static(b"b"), Bytes::from_static(b"c")]
         );
         assert_eq!(b.disco.len(), 1);
+    }
+
+    fn deadline(ms: u64) -> tokio::time::Instant {
+        tokio::time::Instant::now() + std::time::Duration::from_millis(ms)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_waits_for_the_writer_then_gives_up_once_per_batch() {
+        let q = std::sync::Arc::new(SendQueue::new(1));
+        let p = |b: &'static [u8]| Bytes::from_static(b);
+        q.push_packet(k(1), p(b"a"), false).unwrap();
+        // The writer takes its batch while the sender waits: no eviction.
+        let q2 = q.clone();
+        let taker = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+            let mut b = Batch::default();
+            q2.next_batch(&mut b).await;
+            b.packets.len()
+        });
+        assert_eq!(
+            q.push_when_room(k(1), p(b"b"), false, deadline(10)).await,
+            Ok(())
+        );
+        assert_eq!(taker.await.unwrap(), 1);
+        // No writer: the wait runs out and the oldest is evicted...
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(
+            q.push_when_room(k(1), p(b"c"), false, deadline(10)).await,
+            Err(DropReason::QueueHead)
+        );
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(10));
+        // ...and the next sender does not wait again until a batch is taken.
+        let t1 = tokio::time::Instant::now();
+        assert_eq!(
+            q.push_when_room(k(1), p(b"d"), false, deadline(10)).await,
+            Err(DropReason::QueueHead)
+        );
+        assert_eq!(t1.elapsed(), std::time::Duration::ZERO);
+        let mut b = Batch::default();
+        q.next_batch(&mut b).await;
+        assert_eq!(b.packets[0].1, p(b"d"));
+        // A closed queue releases its waiters.
+        q.push_packet(k(1), p(b"e"), false).unwrap();
+        let q3 = q.clone();
+        let waiter = tokio::spawn(async move {
+            q3.push_when_room(k(1), Bytes::from_static(b"f"), false, deadline(60_000))
+                .await
+        });
+        tokio::task::yield_now().await;
+        q.close();
+        assert_eq!(waiter.await.unwrap(), Err(DropReason::GoneDisconnected));
     }
 
     #[tokio::test]
