@@ -590,3 +590,168 @@ async fn a_receiver_that_stops_reading_does_not_hold_its_senders_back() {
     assert!(dropped(relay.relay(), DropReason::QueueHead) > 0);
     drop(stalled);
 }
+
+/// A WebSocket client written frame by frame (RFC 6455), to send what
+/// libraries do not: fragments with pings between them, one message larger
+/// than any DERP frame, a close in the middle of a stream.
+struct HandWs {
+    tcp: tokio::net::TcpStream,
+    /// DERP bytes received in binary frames, not yet consumed.
+    derp: BytesMut,
+    pongs: Vec<Vec<u8>>,
+    closed: Option<u16>,
+}
+
+impl HandWs {
+    async fn connect(addr: std::net::SocketAddr) -> HandWs {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tcp_from(next_source_ip(), addr).await.unwrap();
+        let req = format!(
+            "GET /derp HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Protocol: derp\r\n\r\n"
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        // Byte by byte up to the blank line, so no frame is read with it.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(tcp.read_u8().await.unwrap());
+        }
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        // RFC 6455 §1.3's sample key and answer.
+        assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+        HandWs {
+            tcp,
+            derp: BytesMut::new(),
+            pongs: Vec::new(),
+            closed: None,
+        }
+    }
+
+    async fn send(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let mask = [0x5a, 0x01, 0xc3, 0x7e];
+        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => f.push(0x80 | n as u8),
+            n if n <= 65535 => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(0x80 | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.tcp.write_all(&f).await.unwrap();
+    }
+
+    /// Reads one server frame; false at end of stream.
+    async fn read_frame(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut h = [0u8; 2];
+        if self.tcp.read_exact(&mut h).await.is_err() {
+            return false;
+        }
+        assert_eq!(h[1] & 0x80, 0, "server frames are not masked");
+        let len = match h[1] & 0x7f {
+            126 => u64::from(self.tcp.read_u16().await.unwrap()),
+            127 => self.tcp.read_u64().await.unwrap(),
+            n => u64::from(n),
+        };
+        let mut p = vec![0u8; len as usize];
+        self.tcp.read_exact(&mut p).await.unwrap();
+        match h[0] & 0x0f {
+            0x2 => self.derp.extend_from_slice(&p),
+            0xa => self.pongs.push(p),
+            0x9 => {}
+            0x8 => self.closed = Some(u16::from_be_bytes([p[0], p[1]])),
+            op => panic!("unexpected opcode {op}"),
+        }
+        true
+    }
+
+    async fn until(&mut self, what: &str, mut done: impl FnMut(&mut Self) -> bool) {
+        tokio::time::timeout(WAIT, async {
+            while !done(self) {
+                assert!(self.read_frame().await, "stream ended waiting for {what}");
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {what} in time"));
+    }
+
+    async fn derp_frame(&mut self) -> ServerFrame {
+        let mut got = None;
+        self.until("a DERP frame", |s| {
+            got = frame::decode_frame(&mut s.derp, frame::server_frame_limit)
+                .unwrap()
+                .map(|f| ServerFrame::parse(f).unwrap());
+            got.is_some()
+        })
+        .await;
+        got.unwrap()
+    }
+}
+
+#[tokio::test]
+async fn websocket_pings_fragments_and_large_messages_after_the_handshake() {
+    use derp_relay::protocol::handshake::ClientSecret;
+    let relay = start_relay(|_| {}).await;
+    let mut b = RawClient::connect(relay.addr, Via::Derp).await;
+    let mut ws = HandWs::connect(relay.addr).await;
+    let ServerFrame::ServerKey(server) = ws.derp_frame().await else {
+        panic!("expected ServerKey");
+    };
+    let secret = ClientSecret::generate();
+    let mut out = BytesMut::new();
+    frame::encode_client_info(&mut out, &secret.seal_client_info(&server, b"{}"));
+    ws.send(true, 0x2, &out).await;
+    assert!(matches!(ws.derp_frame().await, ServerFrame::ServerInfo(_)));
+
+    // A ping is answered with its payload.
+    ws.send(true, 0x9, b"are you there").await;
+    ws.until("a pong", |s| !s.pongs.is_empty()).await;
+    assert_eq!(ws.pongs.remove(0), b"are you there");
+
+    // Five largest packets in one message (more than the old 4-packet
+    // message limit), cut into three fragments with a ping between them.
+    let packets: Vec<Vec<u8>> = (0..5u8)
+        .map(|i| (0..frame::MAX_PACKET_SIZE).map(|j| (j as u8) ^ i).collect())
+        .collect();
+    let mut msg = BytesMut::new();
+    for p in &packets {
+        frame::encode_send_packet(&mut msg, &b.key(), p);
+    }
+    let (c1, c2) = (7, msg.len() / 2);
+    ws.send(false, 0x2, &msg[..c1]).await;
+    ws.send(true, 0x9, b"mid-message").await;
+    ws.send(false, 0x0, &msg[c1..c2]).await;
+    ws.send(true, 0x0, &msg[c2..]).await;
+    for want in &packets {
+        match b.recv_skip_keepalive().await {
+            Some(ServerFrame::RecvPacket { src, packet }) => {
+                assert_eq!(src, secret.public());
+                assert!(&packet[..] == &want[..], "payload differs");
+            }
+            other => panic!("expected RecvPacket, got {other:?}"),
+        }
+    }
+    ws.until("the second pong", |s| !s.pongs.is_empty()).await;
+    assert_eq!(ws.pongs.remove(0), b"mid-message");
+
+    // Packets to this client arrive as binary frames.
+    b.send_packet(&secret.public(), b"back the other way").await;
+    match ws.derp_frame().await {
+        ServerFrame::RecvPacket { packet, .. } => assert_eq!(&packet[..], b"back the other way"),
+        other => panic!("expected RecvPacket, got {other:?}"),
+    }
+
+    // An oversized control frame is a protocol error: close code 1002.
+    ws.send(true, 0x9, &[0u8; 126]).await;
+    ws.until("a close frame", |s| s.closed.is_some()).await;
+    assert_eq!(ws.closed, Some(1002));
+}

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use ractor::Actor;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::ConnDeps;
 use super::actor::{ConnArgs, ConnectionActor};
@@ -39,7 +38,6 @@ enum HandshakeFailure {
 /// proves its key and is admitted, starts its connection actor.
 pub async fn accept(
     mut io: PreAuth,
-    ws_config: WebSocketConfig,
     deps: Arc<ConnDeps>,
     remote: SocketAddr,
     transport: Transport,
@@ -61,14 +59,7 @@ pub async fn accept(
             return;
         }
     };
-    let (reader, writer) = match io.into_conn(ws_config).await {
-        Ok(rw) => rw,
-        Err(e) => {
-            shared.metrics.refused(RefuseReason::BadHandshake);
-            tracing::debug!(target: "derp_relay::core", %remote, error = %e, "handshake failed");
-            return;
-        }
-    };
+    let (reader, writer) = io.into_conn();
     // A mesh peer (its ClientInfo carries the region's mesh key) is trusted
     // before every admission check and never asked about; the registry
     // skips `admit` for it and the re-check skips its handle.

@@ -18,6 +18,7 @@ pub mod reader;
 pub mod test_hooks;
 pub mod transport;
 pub mod writer;
+pub mod ws;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -5,20 +5,18 @@
 //! announces. On `Upgrade: DERP` that is a plain byte stream read in small
 //! steps. On WebSocket, tungstenite would reserve a whole announced frame (and
 //! its limits cannot be changed on a live `WebSocketStream`), so the handshake's
-//! few WebSocket frames are decoded here with a limit of a few KiB, and the
-//! stream is handed to tungstenite, with any bytes already read, only once the
-//! ClientInfo box has opened.
+//! few WebSocket frames are decoded here with a limit of a few KiB; once the
+//! ClientInfo box has opened, the stream and any bytes already read go to the
+//! connection's own WebSocket reader (`conn::ws`), which reserves nothing
+//! from an announced length either.
 
 use std::io;
 
+use super::transport::{self, ConnReader, ConnWriter, RawIo};
+use super::ws;
+use crate::protocol::frame::{HEADER_LEN, MAX_CLIENT_INFO_PAYLOAD};
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-
-use super::transport::{self, ConnReader, ConnWriter, RawIo};
-use crate::protocol::frame::{HEADER_LEN, MAX_CLIENT_INFO_PAYLOAD};
-use crate::stream::ReadAhead;
 
 /// Largest read made before authentication; buffers grow by at most this much
 /// per read, and only when the bytes are there.
@@ -62,20 +60,8 @@ impl PreAuth {
                 io.flush().await
             }
             PreAuth::Ws(w) => {
-                let mut out = Vec::with_capacity(derp.len() + 10);
-                out.push(0x82); // FIN | binary
-                match derp.len() {
-                    n if n < 126 => out.push(n as u8),
-                    n if n <= u16::MAX as usize => {
-                        out.push(126);
-                        out.extend_from_slice(&(n as u16).to_be_bytes());
-                    }
-                    n => {
-                        out.push(127);
-                        out.extend_from_slice(&(n as u64).to_be_bytes());
-                    }
-                }
-                out.extend_from_slice(derp);
+                let mut out = Vec::with_capacity(derp.len() + ws::PREFIX);
+                ws::encode_binary(&mut out, derp);
                 w.io.write_all(&out).await?;
                 w.io.flush().await
             }
@@ -96,31 +82,11 @@ impl PreAuth {
     }
 
     /// The authenticated connection's reader and writer. WebSocket bytes
-    /// already read but not decoded go to tungstenite first.
-    pub async fn into_conn(
-        self,
-        ws_config: WebSocketConfig,
-    ) -> io::Result<(ConnReader, ConnWriter)> {
+    /// already read but not decoded are the reader's first.
+    pub fn into_conn(self) -> (ConnReader, ConnWriter) {
         match self {
-            PreAuth::Derp(io) => Ok(transport::derp(io)),
-            PreAuth::Ws(w) => {
-                if w.in_message {
-                    // tungstenite would see a continuation without its start.
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "ClientInfo ended inside a fragmented WebSocket message",
-                    ));
-                }
-                let raw = w.raw.to_vec();
-                let ws = WebSocketStream::from_partially_read(
-                    ReadAhead::new(w.io),
-                    raw,
-                    Role::Server,
-                    Some(ws_config),
-                )
-                .await;
-                Ok(transport::websocket(ws))
-            }
+            PreAuth::Derp(io) => transport::derp(io),
+            PreAuth::Ws(w) => transport::websocket(w.io, w.raw, w.in_message),
         }
     }
 
@@ -132,73 +98,17 @@ impl PreAuth {
     }
 }
 
-/// A parsed WebSocket frame header.
-struct WsHeader {
-    fin: bool,
-    opcode: u8,
-    mask: [u8; 4],
-    header_len: usize,
-    payload_len: usize,
-}
-
-/// Parses a client frame header from `b`; `Ok(None)` if more bytes are needed.
-fn parse_header(b: &[u8]) -> io::Result<Option<WsHeader>> {
-    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
-    if b.len() < 2 {
-        return Ok(None);
-    }
-    if b[0] & 0x70 != 0 {
-        return Err(bad("WebSocket frame with reserved bits set"));
-    }
-    if b[1] & 0x80 == 0 {
-        return Err(bad("unmasked WebSocket frame from a client"));
-    }
-    let (len, mut at) = match b[1] & 0x7f {
-        126 => {
-            if b.len() < 4 {
-                return Ok(None);
-            }
-            (u16::from_be_bytes([b[2], b[3]]) as u64, 4)
-        }
-        127 => {
-            if b.len() < 10 {
-                return Ok(None);
-            }
-            let mut l = [0u8; 8];
-            l.copy_from_slice(&b[2..10]);
-            (u64::from_be_bytes(l), 10)
-        }
-        n => (u64::from(n), 2),
-    };
-    if len > MAX_PREAUTH_WS_FRAME as u64 {
-        return Err(bad("WebSocket frame too large before the handshake"));
-    }
-    if b.len() < at + 4 {
-        return Ok(None);
-    }
-    let mut mask = [0u8; 4];
-    mask.copy_from_slice(&b[at..at + 4]);
-    at += 4;
-    Ok(Some(WsHeader {
-        fin: b[0] & 0x80 != 0,
-        opcode: b[0] & 0x0f,
-        mask,
-        header_len: at,
-        payload_len: len as usize,
-    }))
-}
-
 impl WsPreAuth {
     async fn read_some(&mut self, buf: &mut BytesMut, step: usize) -> io::Result<usize> {
         loop {
-            let need = match parse_header(&self.raw)? {
-                Some(h) if self.raw.len() >= h.header_len + h.payload_len => {
+            let need = match ws::parse_header(&self.raw, MAX_PREAUTH_WS_FRAME as u64)? {
+                Some(h) if self.raw.len() >= h.header_len + h.payload_len as usize => {
                     match self.take_frame(&h, buf)? {
                         Some(n) => return Ok(n),
                         None => continue,
                     }
                 }
-                Some(h) => h.header_len + h.payload_len - self.raw.len(),
+                Some(h) => h.header_len + h.payload_len as usize - self.raw.len(),
                 None => 2,
             };
             self.raw.reserve(need.clamp(step, READ_STEP));
@@ -215,10 +125,11 @@ impl WsPreAuth {
     /// Consumes the complete frame `h` at the front of `raw`: DERP bytes are
     /// unmasked onto `buf`. `Some(n)` is what `read_some` returns (0 = the
     /// client closed); `None` means nothing for the caller yet.
-    fn take_frame(&mut self, h: &WsHeader, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+    fn take_frame(&mut self, h: &ws::Header, buf: &mut BytesMut) -> io::Result<Option<usize>> {
         let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
         self.raw.advance(h.header_len);
-        let payload = self.raw.split_to(h.payload_len);
+        let len = h.payload_len as usize;
+        let payload = self.raw.split_to(len);
         match h.opcode {
             // Continuation or binary: the DERP byte stream.
             0x0 | 0x2 => {
@@ -228,10 +139,8 @@ impl WsPreAuth {
                 self.in_message = !h.fin;
                 let start = buf.len();
                 buf.extend_from_slice(&payload);
-                for (i, byte) in buf[start..].iter_mut().enumerate() {
-                    *byte ^= h.mask[i % 4];
-                }
-                Ok((h.payload_len > 0).then_some(h.payload_len))
+                ws::unmask(&mut buf[start..], h.mask, 0);
+                Ok((len > 0).then_some(len))
             }
             0x1 => Err(bad("text WebSocket message; DERP uses binary messages")),
             0x8 => Ok(Some(0)),
@@ -239,25 +148,5 @@ impl WsPreAuth {
             0x9 | 0xa => Ok(None),
             _ => Err(bad("unknown WebSocket opcode")),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn header_bounds() {
-        // Masked binary frame announcing 2^40 bytes: refused from the header.
-        let mut h = vec![0x82, 0xff];
-        h.extend_from_slice(&(1u64 << 40).to_be_bytes());
-        assert!(parse_header(&h).is_err());
-        // Unmasked client frame.
-        assert!(parse_header(&[0x82, 0x05]).is_err());
-        // Incomplete.
-        assert!(parse_header(&[0x82]).unwrap().is_none());
-        assert!(parse_header(&[0x82, 0xfe, 0x00]).unwrap().is_none());
-        let ok = parse_header(&[0x82, 0x83, 1, 2, 3, 4]).unwrap().unwrap();
-        assert_eq!((ok.opcode, ok.payload_len, ok.header_len), (2, 3, 6));
     }
 }

@@ -241,7 +241,7 @@ pub(super) fn read_loop(
             }
             #[cfg(feature = "test-hooks")]
             super::test_hooks::check(&h, super::test_hooks::Part::Reader);
-            match read_result(rd.read_first(&mut buf).await, &rd, &h) {
+            match read_result(rd.read_first(&mut buf, &h.queue).await, &rd, &h) {
                 Ok(n) => pace(n, &h, &deps, &mut st.bucket).await,
                 Err(why) => return why,
             }
@@ -436,16 +436,17 @@ async fn read_frames(
         // steadily stays here (one message per read on WebSocket keeps the
         // hint at its minimum), and the busy state is not rebuilt per read.
         let read = if buf.is_empty() && hint == MIN_READ {
-            let now = rd.read_some(buf, want).now_or_never();
+            let now = rd.read_some(buf, want, &h.queue).now_or_never();
             let Some(read) = now else {
                 // Hold no buffer while waiting. Most clients are idle most
                 // of the time, and this is most of what one costs.
                 *buf = BytesMut::new();
+                rd.release();
                 return Busy::Idle;
             };
             read
         } else {
-            rd.read_some(buf, want).await
+            rd.read_some(buf, want, &h.queue).await
         };
         let n = match read_result(read, rd, h) {
             Ok(n) => n,

@@ -7,34 +7,30 @@
 
 use std::io;
 
-use bytes::{Bytes, BytesMut};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use bytes::BytesMut;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use super::ws::{self, WsReader, WsWriter};
 use crate::protocol::frame;
 use crate::reasons::CloseReason;
+use crate::routing::SendQueue;
 
 pub type RawIo = TokioIo<Upgraded>;
-pub type WsIo = crate::stream::ReadAhead<RawIo>;
-type Ws = WebSocketStream<WsIo>;
 
 pub enum ConnReader {
     Derp(ReadHalf<RawIo>),
-    Ws(SplitStream<Ws>),
+    /// Boxed: its buffer and frame state would otherwise sit in every reader
+    /// task, `Upgrade: DERP` ones included.
+    Ws(Box<WsReader>),
 }
 
 pub enum ConnWriter {
     Derp(WriteHalf<RawIo>),
-    /// Boxed: the sink keeps a pending message inline (64 bytes), and this
-    /// enum sits in every writer task's state, idle ones included.
-    Ws(Box<SplitSink<Ws, Message>>),
+    /// Boxed, as the reader.
+    Ws(Box<WsWriter>),
 }
 
 /// Splits an upgraded DERP stream.
@@ -43,18 +39,22 @@ pub fn derp(io: RawIo) -> (ConnReader, ConnWriter) {
     (ConnReader::Derp(r), ConnWriter::Derp(w))
 }
 
-/// Splits a WebSocket.
-pub fn websocket(ws: Ws) -> (ConnReader, ConnWriter) {
-    let (w, r) = ws.split();
-    (ConnReader::Ws(r), ConnWriter::Ws(Box::new(w)))
+/// Splits a WebSocket whose handshake read `raw` past its last frame (and
+/// ended inside a fragmented message if `in_message`).
+pub fn websocket(io: RawIo, raw: BytesMut, in_message: bool) -> (ConnReader, ConnWriter) {
+    let (r, w) = tokio::io::split(io);
+    (
+        ConnReader::Ws(Box::new(WsReader::new(r, raw, in_message))),
+        ConnWriter::Ws(Box::new(WsWriter::new(w))),
+    )
 }
 
 impl ConnReader {
     /// Waits for the next bytes without reserving a buffer first: the first
     /// byte goes through a one-byte stack buffer, and the next read (made at
     /// once) collects the rest. Costs an extra read syscall only when an idle
-    /// connection wakes up.
-    pub async fn read_first(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+    /// connection wakes up. WebSocket pings are answered through `pongs`.
+    pub async fn read_first(&mut self, buf: &mut BytesMut, pongs: &SendQueue) -> io::Result<usize> {
         match self {
             ConnReader::Derp(r) => {
                 let mut first = [0u8; 1];
@@ -62,44 +62,31 @@ impl ConnReader {
                 buf.extend_from_slice(&first[..n]);
                 Ok(n)
             }
-            // WebSocket messages arrive in tungstenite's own buffer anyway.
-            ConnReader::Ws(_) => self.read_some(buf, 0).await,
+            ConnReader::Ws(r) => r.read_first(buf, pongs).await,
         }
     }
 
     /// Appends whatever arrives next to `buf` (after reserving `hint` bytes for a
     /// raw stream). Returns 0 at end of stream.
-    pub async fn read_some(&mut self, buf: &mut BytesMut, hint: usize) -> io::Result<usize> {
+    pub async fn read_some(
+        &mut self,
+        buf: &mut BytesMut,
+        hint: usize,
+        pongs: &SendQueue,
+    ) -> io::Result<usize> {
         match self {
             ConnReader::Derp(r) => {
                 buf.reserve(hint);
                 r.read_buf(buf).await
             }
-            ConnReader::Ws(r) => loop {
-                match r.next().await {
-                    None => return Ok(0),
-                    Some(Err(WsError::Io(e))) => return Err(e),
-                    // Any other tungstenite error is the peer breaking the
-                    // WebSocket rules; the kind tells `close_reason` so.
-                    Some(Err(e)) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
-                    Some(Ok(Message::Binary(b))) => {
-                        if b.is_empty() {
-                            continue;
-                        }
-                        buf.extend_from_slice(&b);
-                        return Ok(b.len());
-                    }
-                    Some(Ok(Message::Close(_))) => return Ok(0),
-                    Some(Ok(Message::Text(_))) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::Unsupported,
-                            "text WebSocket message; DERP uses binary messages",
-                        ));
-                    }
-                    // Pings are answered by tungstenite itself.
-                    Some(Ok(_)) => continue,
-                }
-            },
+            ConnReader::Ws(r) => r.read_some(buf, hint, pongs).await,
+        }
+    }
+
+    /// Gives back the transport's own read buffer while idle.
+    pub fn release(&mut self) {
+        if let ConnReader::Ws(r) = self {
+            r.release();
         }
     }
 
@@ -128,9 +115,17 @@ pub fn ws_close_code(why: CloseReason) -> Option<CloseCode> {
 }
 
 impl ConnWriter {
-    /// Writes one batch of whole frames: one write (or one WebSocket message).
-    /// `ping` also sends a WebSocket-level ping, which proxies in the path see
-    /// as traffic.
+    /// Bytes a batch buffer starts with (room for the WebSocket header).
+    pub fn batch_start(&self) -> usize {
+        match self {
+            ConnWriter::Derp(_) => 0,
+            ConnWriter::Ws(_) => ws::PREFIX,
+        }
+    }
+
+    /// Writes one batch of whole frames (after [`Self::batch_start`] reserved
+    /// bytes): one write, one binary message on WebSocket. `ping` also sends
+    /// a WebSocket-level ping, which proxies in the path see as traffic.
     pub async fn write_batch(&mut self, buf: &mut BytesMut, ping: bool) -> io::Result<()> {
         match self {
             ConnWriter::Derp(w) => {
@@ -138,16 +133,19 @@ impl ConnWriter {
                 buf.clear();
                 w.flush().await
             }
-            ConnWriter::Ws(w) => {
-                if ping {
-                    w.feed(Message::Ping(Bytes::new()))
-                        .await
-                        .map_err(io::Error::other)?;
-                }
-                w.send(Message::Binary(buf.split().freeze()))
-                    .await
-                    .map_err(io::Error::other)
-            }
+            ConnWriter::Ws(w) => w.write_batch(buf, ping).await,
+        }
+    }
+
+    /// Whether control frames wait for the next write.
+    pub fn has_control(&self) -> bool {
+        matches!(self, ConnWriter::Ws(w) if w.has_control())
+    }
+
+    /// Queues a WebSocket pong for the next write.
+    pub fn queue_pong(&mut self, payload: &bytes::Bytes) {
+        if let ConnWriter::Ws(w) = self {
+            w.queue_pong(payload);
         }
     }
 
@@ -163,14 +161,8 @@ impl ConnWriter {
                 w.shutdown().await
             }
             ConnWriter::Ws(w) => {
-                let close = CloseFrame {
-                    code: CloseCode::Away,
-                    reason: "derp-relay restarting".into(),
-                };
-                w.send(Message::Close(Some(close)))
+                w.close_with(CloseCode::Away.into(), "derp-relay restarting")
                     .await
-                    .map_err(io::Error::other)?;
-                w.close().await.map_err(io::Error::other)
             }
         }
     }
@@ -182,38 +174,29 @@ impl ConnWriter {
         match self {
             ConnWriter::Derp(_) => self.close().await,
             ConnWriter::Ws(w) => {
-                let close = CloseFrame {
-                    code: CloseCode::Policy,
-                    reason: format!("not admitted: {reason}").into(),
-                };
-                let _ = w.send(Message::Close(Some(close))).await;
-                let _ = w.close().await;
+                let why = format!("not admitted: {reason}");
+                let _ = w.close_with(CloseCode::Policy.into(), &why).await;
             }
         }
     }
 
     /// Ends a connection the client broke the protocol on: a WebSocket close
-    /// frame with the code for `why`, then the close handshake; on raw DERP,
-    /// which has no such frame, the stream just ends.
+    /// frame with the code for `why`; on raw DERP, which has no such frame,
+    /// the stream just ends.
     pub async fn abort(&mut self, why: CloseReason) {
         match (&mut *self, ws_close_code(why)) {
             (ConnWriter::Ws(w), Some(code)) => {
-                let close = CloseFrame {
-                    code,
-                    reason: why.as_str().into(),
-                };
-                let _ = w.send(Message::Close(Some(close))).await;
-                let _ = w.close().await;
+                let _ = w.close_with(code.into(), why.as_str()).await;
             }
             _ => self.close().await,
         }
     }
 
-    /// Best-effort close after an error.
+    /// Best-effort close after an error (a normal close frame on WebSocket).
     pub async fn close(&mut self) {
         let _ = match self {
             ConnWriter::Derp(w) => w.shutdown().await,
-            ConnWriter::Ws(w) => w.close().await.map_err(io::Error::other),
+            ConnWriter::Ws(w) => w.close_with(CloseCode::Normal.into(), "").await,
         };
     }
 }

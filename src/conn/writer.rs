@@ -46,6 +46,15 @@ async fn write_frames(
     // closes a connection whose write has been in progress too long (see
     // `ClientHandle::begin_write`); no timer per write or per connection.
     let m = &shared.metrics;
+    let start = wr.batch_start();
+    if start > 0 {
+        // ServerInfo was encoded before the transport was known to need room
+        // in front; one small copy per connection.
+        let mut first = BytesMut::with_capacity(start + out.len());
+        first.resize(start, 0);
+        first.extend_from_slice(out);
+        *out = first;
+    }
     h.begin_write(shared.now_ms(), 0);
     let first = wr.write_batch(out, false).await;
     h.end_write();
@@ -55,12 +64,14 @@ async fn write_frames(
     let mut batch = Batch::default();
     loop {
         h.queue.next_batch(&mut batch).await;
+        out.resize(start, 0);
         #[cfg(feature = "test-hooks")]
         super::test_hooks::check(h, super::test_hooks::Part::Writer);
         let mut ping = false;
         for c in batch.control.drain(..) {
             match c {
                 Control::Pong(d) => frame::encode_pong(out, d),
+                Control::WsPong(p) => wr.queue_pong(&p),
                 Control::PeerGone(k, r) => frame::encode_peer_gone(out, &k, r),
                 Control::KeepAlive => {
                     frame::encode_keepalive(out);
@@ -87,7 +98,7 @@ async fn write_frames(
             bytes += data.len() as u64;
             frame::encode_recv_packet(out, &src, &data);
         }
-        if !out.is_empty() {
+        if out.len() > start || wr.has_control() {
             h.begin_write(shared.now_ms(), packets);
             let res = wr.write_batch(out, ping).await;
             h.end_write();

@@ -3,8 +3,8 @@
 //!
 //! warp has no filter for a raw `Upgrade: DERP`, so both upgrades are done the
 //! same way: take hyper's `OnUpgrade` from the request, reply `101` with the
-//! right headers, and await the raw stream in a task. Doing the WebSocket
-//! handshake here too lets us configure tungstenite's buffers (see `ws_config`).
+//! right headers, and await the raw stream in a task. The WebSocket frames
+//! that follow are read and written by `conn::preauth` and `conn::ws`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +13,6 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use warp::reply::Response;
 
 use super::PeerAddr;
@@ -22,12 +21,8 @@ use super::client_addr::{PendingCell, PendingGuard};
 use super::reply::text;
 use crate::conn::preauth::PreAuth;
 use crate::conn::{self, ConnDeps};
-use crate::protocol::frame::MAX_PACKET_SIZE;
 use crate::reasons::{RefuseReason, Transport};
 
-/// Largest WebSocket message from an authenticated client: four maximal
-/// SendPacket frames.
-const MAX_WS_MESSAGE: usize = 4 * (MAX_PACKET_SIZE + 64);
 use crate::state::ClientSlot;
 
 fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
@@ -37,22 +32,6 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// WebSocket settings once the client is authenticated: small buffers (an idle
-/// client must cost a few KiB) and a message limit that fits the largest DERP
-/// frame with room for a few merged ones. Before authentication the stream is
-/// read by `PreAuth`, with a limit of a few KiB.
-///
-/// tungstenite's own read buffer stays tiny (it is allocated per connection
-/// and zero-filled before every read); busy connections get a read-ahead
-/// buffer underneath instead (`ReadAhead`), which idle ones do not pay for.
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(256)
-        .write_buffer_size(0)
-        .max_message_size(Some(MAX_WS_MESSAGE))
-        .max_frame_size(Some(MAX_WS_MESSAGE))
 }
 
 pub fn handle(
@@ -193,5 +172,5 @@ async fn run_upgraded(
         Transport::Derp => PreAuth::derp(io),
         Transport::WebSocket => PreAuth::websocket(io),
     };
-    conn::accept(io, ws_config(), deps, remote, transport, slot, pending).await;
+    conn::accept(io, deps, remote, transport, slot, pending).await;
 }

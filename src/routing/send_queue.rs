@@ -24,6 +24,8 @@ const CONTROL_DEPTH: usize = 64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Control {
     Pong([u8; 8]),
+    /// A WebSocket pong answering a client's ping, with its payload.
+    WsPong(Bytes),
     PeerGone(PublicKey, PeerGoneReason),
     KeepAlive,
     /// Mesh presence updates are waiting in the handle's watch queue.
