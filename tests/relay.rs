@@ -735,7 +735,7 @@ async fn websocket_pings_fragments_and_large_messages_after_the_handshake() {
         match b.recv_skip_keepalive().await {
             Some(ServerFrame::RecvPacket { src, packet }) => {
                 assert_eq!(src, secret.public());
-                assert!(&packet[..] == &want[..], "payload differs");
+                assert!(packet[..] == want[..], "payload differs");
             }
             other => panic!("expected RecvPacket, got {other:?}"),
         }
