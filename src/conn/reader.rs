@@ -241,7 +241,7 @@ pub(super) fn read_loop(
             }
             #[cfg(feature = "test-hooks")]
             super::test_hooks::check(&h, super::test_hooks::Part::Reader);
-            match read_result(rd.read_first(&mut buf, &h.queue).await, &rd, &h) {
+            match read_result(rd.read_first(&mut buf).await, &rd, &h) {
                 Ok(n) => pace(n, &h, &deps, &mut st.bucket).await,
                 Err(why) => return why,
             }

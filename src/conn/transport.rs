@@ -53,8 +53,9 @@ impl ConnReader {
     /// Waits for the next bytes without reserving a buffer first: the first
     /// byte goes through a one-byte stack buffer, and the next read (made at
     /// once) collects the rest. Costs an extra read syscall only when an idle
-    /// connection wakes up. WebSocket pings are answered through `pongs`.
-    pub async fn read_first(&mut self, buf: &mut BytesMut, pongs: &SendQueue) -> io::Result<usize> {
+    /// connection wakes up. On WebSocket the byte is not DERP data yet: it
+    /// waits in the frame buffer for the next `read_some`.
+    pub async fn read_first(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
             ConnReader::Derp(r) => {
                 let mut first = [0u8; 1];
@@ -62,12 +63,13 @@ impl ConnReader {
                 buf.extend_from_slice(&first[..n]);
                 Ok(n)
             }
-            ConnReader::Ws(r) => r.read_first(buf, pongs).await,
+            ConnReader::Ws(r) => r.read_first().await,
         }
     }
 
     /// Appends whatever arrives next to `buf` (after reserving `hint` bytes for a
-    /// raw stream). Returns 0 at end of stream.
+    /// raw stream). Returns 0 at end of stream. WebSocket pings are answered
+    /// through `pongs`.
     pub async fn read_some(
         &mut self,
         buf: &mut BytesMut,

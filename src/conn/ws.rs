@@ -184,17 +184,16 @@ impl WsReader {
         }
     }
 
-    /// Waits for the first bytes of an idle connection without holding a
-    /// buffer (see [`super::transport::ConnReader::read_first`]).
-    pub async fn read_first(&mut self, buf: &mut BytesMut, pongs: &SendQueue) -> io::Result<usize> {
-        if self.raw.is_empty() {
-            let mut first = [0u8; 1];
-            if self.io.read(&mut first).await? == 0 {
-                return Ok(0);
-            }
-            self.raw.extend_from_slice(&first);
-        }
-        self.read_some(buf, 0, pongs).await
+    /// Waits for the first byte of an idle connection without holding a
+    /// buffer (see [`super::transport::ConnReader::read_first`]). It goes to
+    /// the frame buffer; the reader's next `read_some` decodes it with the
+    /// rest. Kept this small because an idle reader task is as large as the
+    /// future it waits in.
+    pub async fn read_first(&mut self) -> io::Result<usize> {
+        let mut first = [0u8; 1];
+        let n = self.io.read(&mut first).await?;
+        self.raw.extend_from_slice(&first[..n]);
+        Ok(n)
     }
 
     /// Appends the next DERP bytes to `buf`, reading `hint` bytes at a time;
