@@ -52,6 +52,9 @@ pub trait Registrar: Send + Sync {
 }
 
 /// What every connection uses.
+/// An upgraded connection's byte stream (TLS, if any, is beneath it).
+pub type RawIo = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
 pub struct ConnDeps {
     pub state: Arc<Shared>,
     pub registrar: Arc<dyn Registrar>,

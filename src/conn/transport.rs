@@ -8,8 +8,6 @@
 use std::io;
 
 use bytes::BytesMut;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -18,7 +16,7 @@ use crate::protocol::frame;
 use crate::reasons::CloseReason;
 use crate::routing::SendQueue;
 
-pub type RawIo = TokioIo<Upgraded>;
+pub use super::RawIo;
 
 pub enum ConnReader {
     Derp(ReadHalf<RawIo>),
@@ -57,12 +55,7 @@ impl ConnReader {
     /// waits in the frame buffer for the next `read_some`.
     pub async fn read_first(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         match self {
-            ConnReader::Derp(r) => {
-                let mut first = [0u8; 1];
-                let n = r.read(&mut first).await?;
-                buf.extend_from_slice(&first[..n]);
-                Ok(n)
-            }
+            ConnReader::Derp(r) => ws::read_one(r, buf).await,
             ConnReader::Ws(r) => r.read_first().await,
         }
     }

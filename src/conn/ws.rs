@@ -17,7 +17,7 @@ use std::io;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
-use super::transport::RawIo;
+use super::RawIo;
 use crate::routing::{Control, SendQueue};
 
 /// Room kept in front of a batch for its frame header (the longest one).
@@ -147,6 +147,15 @@ pub fn encode_binary(out: &mut Vec<u8>, payload: &[u8]) {
     encode_frame(out, OP_BINARY, payload);
 }
 
+/// Reads at most one byte onto `buf`, through a stack buffer: waiting in
+/// this holds no heap buffer (both transports' idle wait).
+pub async fn read_one(r: &mut ReadHalf<RawIo>, buf: &mut BytesMut) -> io::Result<usize> {
+    let mut first = [0u8; 1];
+    let n = r.read(&mut first).await?;
+    buf.extend_from_slice(&first[..n]);
+    Ok(n)
+}
+
 /// The read side of an authenticated WebSocket connection.
 pub struct WsReader {
     io: ReadHalf<RawIo>,
@@ -190,10 +199,7 @@ impl WsReader {
     /// rest. Kept this small because an idle reader task is as large as the
     /// future it waits in.
     pub async fn read_first(&mut self) -> io::Result<usize> {
-        let mut first = [0u8; 1];
-        let n = self.io.read(&mut first).await?;
-        self.raw.extend_from_slice(&first[..n]);
-        Ok(n)
+        read_one(&mut self.io, &mut self.raw).await
     }
 
     /// Appends the next DERP bytes to `buf`, reading `hint` bytes at a time;

@@ -55,6 +55,15 @@ impl Batch {
         self.disco.len() + self.packets.len()
     }
 
+    /// Disco packets and data packets have separate bounds.
+    fn lane(&mut self, disco: bool) -> &mut VecDeque<(PublicKey, Bytes)> {
+        if disco {
+            &mut self.disco
+        } else {
+            &mut self.packets
+        }
+    }
+
     fn clear(&mut self) {
         self.control.clear();
         self.disco.clear();
@@ -111,11 +120,7 @@ impl SendQueue {
             if g.closed {
                 return Err(DropReason::GoneDisconnected);
             }
-            let q = if disco {
-                &mut g.pending.disco
-            } else {
-                &mut g.pending.packets
-            };
+            let q = g.pending.lane(disco);
             let evicted = q.len() >= self.depth;
             if evicted {
                 q.pop_front();
@@ -146,11 +151,7 @@ impl SendQueue {
         if g.closed {
             return Err((DropReason::GoneDisconnected, data));
         }
-        let q = if disco {
-            &mut g.pending.disco
-        } else {
-            &mut g.pending.packets
-        };
+        let q = g.pending.lane(disco);
         if q.len() >= self.depth {
             return Err((DropReason::QueueHead, data));
         }
@@ -182,11 +183,7 @@ impl SendQueue {
                 if g.closed {
                     return Err(DropReason::GoneDisconnected);
                 }
-                let q = if disco {
-                    &mut g.pending.disco
-                } else {
-                    &mut g.pending.packets
-                };
+                let q = g.pending.lane(disco);
                 if q.len() < self.depth {
                     q.push_back((src, data));
                     drop(g);
