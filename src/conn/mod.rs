@@ -51,10 +51,10 @@ pub trait Registrar: Send + Sync {
     fn watch(&self, h: Arc<ClientHandle>);
 }
 
-/// What every connection uses.
 /// An upgraded connection's byte stream (TLS, if any, is beneath it).
 pub type RawIo = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
 
+/// What every connection uses.
 pub struct ConnDeps {
     pub state: Arc<Shared>,
     pub registrar: Arc<dyn Registrar>,
