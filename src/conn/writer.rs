@@ -68,6 +68,7 @@ async fn write_frames(
         #[cfg(feature = "test-hooks")]
         super::test_hooks::check(h, super::test_hooks::Part::Writer);
         let mut ping = false;
+        let mut abort = None;
         for c in batch.control.drain(..) {
             match c {
                 Control::Pong(d) => frame::encode_pong(out, d),
@@ -80,14 +81,20 @@ async fn write_frames(
                 // Drained below, whether or not this marker survived.
                 Control::MeshUpdates => {}
                 Control::Abort(why) => {
-                    h.begin_write(shared.now_ms(), 0);
-                    // Boxed, as goodbye below: rare, and an idle writer
-                    // task would otherwise carry their state.
-                    Box::pin(wr.abort(why)).await;
-                    h.end_write();
-                    return why;
+                    abort = Some(why);
+                    break;
                 }
             }
+        }
+        if let Some(why) = abort {
+            // Outside the loop, so the task's state does not keep the drain
+            // iterator and a Control across this await. Boxed, as goodbye
+            // below: rare, and an idle writer task would carry its state.
+            batch.control.clear();
+            h.begin_write(shared.now_ms(), 0);
+            Box::pin(wr.abort(why)).await;
+            h.end_write();
+            return why;
         }
         if let Some(w) = h.watch() {
             super::mesh::encode_updates(w, out);
