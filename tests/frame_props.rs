@@ -1,4 +1,5 @@
-//! Property tests of the DERP frame decoder: however a byte stream is cut
+//! Property tests of the DERP frame decoder (and, at the end, of the
+//! WebSocket frame decoder under it): however a byte stream is cut
 //! into reads, it decodes to the same frames and the same error as when it
 //! arrives at once, and nothing a peer sends makes the decoder or the frame
 //! parsers panic. Bounded (a few hundred cases of a few KiB) so it runs in
@@ -143,5 +144,118 @@ proptest! {
             Err(FrameError::TooLarge { .. })
         );
         prop_assert!(is_too_large);
+    }
+}
+
+// ------------------------------------------- WebSocket frames (conn::ws)
+
+use derp_relay::conn::ws::{Decoded, WsDecoder};
+
+/// A masked client frame as RFC 6455 lays it out.
+fn client_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, mask: [u8; 4], payload: &[u8]) {
+    out.push(if fin { 0x80 } else { 0 } | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 65535 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+}
+
+/// Feeds `stream` to a decoder `cuts` bytes at a time: the DERP bytes, the
+/// pings' payloads, and whether it ended in a close or an error.
+fn ws_decode(stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Vec<Vec<u8>>, Option<String>) {
+    let mut dec = WsDecoder::new(BytesMut::new(), false);
+    let (mut derp, mut pings) = (BytesMut::new(), Vec::new());
+    let mut at = 0;
+    let mut sizes = cuts.iter().copied().cycle();
+    while at < stream.len() {
+        let end = (at + sizes.next().unwrap_or(1).max(1)).min(stream.len());
+        dec.input().extend_from_slice(&stream[at..end]);
+        at = end;
+        loop {
+            match dec.decode(&mut derp, |p| pings.push(p.to_vec())) {
+                Ok(Decoded::Data(0)) => break,
+                Ok(Decoded::Data(_)) => {}
+                Ok(Decoded::Closed) => return (derp.to_vec(), pings, Some("closed".into())),
+                Err(e) => return (derp.to_vec(), pings, Some(e.to_string())),
+            }
+        }
+    }
+    (derp.to_vec(), pings, None)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn websocket_fragments_and_pings_decode_to_the_same_bytes_at_any_cut(
+        data in proptest::collection::vec(any::<u8>(), 0..4096),
+        splits in proptest::collection::vec(0usize..4096, 0..12),
+        ends in proptest::collection::vec(any::<bool>(), 13),
+        pings in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..=125), 0..4),
+        masks in proptest::collection::vec(any::<[u8; 4]>(), 17),
+        cuts in proptest::collection::vec(1usize..300, 1..8),
+    ) {
+        let mut at: Vec<usize> = splits.into_iter().map(|s| s.min(data.len())).collect();
+        at.push(0);
+        at.push(data.len());
+        at.sort_unstable();
+        at.dedup();
+        let mut stream = Vec::new();
+        let mut in_message = false;
+        let pieces: Vec<_> = at.windows(2).collect();
+        for (i, w) in pieces.iter().enumerate() {
+            let last = i + 1 == pieces.len();
+            let fin = last || ends[i];
+            let opcode = if in_message { 0x0 } else { 0x2 };
+            client_frame(&mut stream, fin, opcode, masks[i], &data[w[0]..w[1]]);
+            in_message = !fin;
+            // Control frames may come between the fragments of a message.
+            if let Some(p) = pings.get(i) {
+                client_frame(&mut stream, true, 0x9, masks[16], p);
+            }
+        }
+        let pings_sent: Vec<Vec<u8>> = pings.iter().take(pieces.len()).cloned().collect();
+        for c in [&cuts[..], &[1], &[stream.len().max(1)]] {
+            let (derp, got_pings, end) = ws_decode(&stream, c);
+            prop_assert_eq!(&derp, &data);
+            prop_assert_eq!(&got_pings, &pings_sent);
+            prop_assert_eq!(end, None);
+        }
+    }
+
+    #[test]
+    fn websocket_decoder_takes_anything_without_panicking(
+        frames in proptest::collection::vec(
+            (any::<u8>(), any::<bool>(), proptest::collection::vec(any::<u8>(), 0..200), any::<[u8; 4]>()),
+            0..10,
+        ),
+        junk in proptest::collection::vec(any::<u8>(), 0..16),
+        cuts in proptest::collection::vec(1usize..64, 1..6),
+    ) {
+        // Headers with any first byte (reserved bits, every opcode) and the
+        // mask bit mostly set, so decoding gets past the first check.
+        let mut stream = Vec::new();
+        for (b0, masked, payload, mask) in &frames {
+            let mut f = Vec::new();
+            client_frame(&mut f, b0 & 0x80 != 0, b0 & 0x7f, *mask, payload);
+            if !masked {
+                f[1] &= 0x7f;
+            }
+            stream.extend_from_slice(&f);
+        }
+        stream.extend_from_slice(&junk);
+        // However it is cut, it decodes to the same outcome.
+        let whole = ws_decode(&stream, &[stream.len().max(1)]);
+        prop_assert_eq!(ws_decode(&stream, &cuts), whole.clone());
+        prop_assert_eq!(ws_decode(&stream, &[1]), whole);
     }
 }

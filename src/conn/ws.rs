@@ -159,19 +159,12 @@ pub async fn read_one(r: &mut ReadHalf<RawIo>, buf: &mut BytesMut) -> io::Result
 /// The read side of an authenticated WebSocket connection.
 pub struct WsReader {
     io: ReadHalf<RawIo>,
-    /// Bytes read but not yet decoded.
-    raw: BytesMut,
-    /// Payload bytes still to come of the data frame being read.
-    left: u64,
-    mask: [u8; 4],
-    /// Bytes of that frame's payload unmasked so far, modulo 4.
-    phase: usize,
-    /// Inside a fragmented data message (a data frame without FIN was seen).
-    in_message: bool,
+    dec: WsDecoder,
 }
 
 /// What decoding the buffered bytes gave.
-enum Decoded {
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
     /// This many DERP bytes went onto the caller's buffer (maybe 0: more
     /// bytes needed).
     Data(usize),
@@ -185,11 +178,7 @@ impl WsReader {
     pub fn new(io: ReadHalf<RawIo>, raw: BytesMut, in_message: bool) -> Self {
         WsReader {
             io,
-            raw,
-            left: 0,
-            mask: [0; 4],
-            phase: 0,
-            in_message,
+            dec: WsDecoder::new(raw, in_message),
         }
     }
 
@@ -199,7 +188,7 @@ impl WsReader {
     /// rest. Kept this small because an idle reader task is as large as the
     /// future it waits in.
     pub async fn read_first(&mut self) -> io::Result<usize> {
-        read_one(&mut self.io, &mut self.raw).await
+        read_one(&mut self.io, &mut self.dec.raw).await
     }
 
     /// Appends the next DERP bytes to `buf`, reading `hint` bytes at a time;
@@ -212,13 +201,17 @@ impl WsReader {
         pongs: &SendQueue,
     ) -> io::Result<usize> {
         loop {
-            match self.decode(buf, pongs)? {
+            let pong = |p| {
+                pongs.push_control(Control::WsPong(p));
+            };
+            match self.dec.decode(buf, pong)? {
                 Decoded::Closed => return Ok(0),
                 Decoded::Data(0) => {}
                 Decoded::Data(n) => return Ok(n),
             }
-            self.raw.reserve(hint.max(64));
-            if self.io.read_buf(&mut self.raw).await? == 0 {
+            let raw = &mut self.dec.raw;
+            raw.reserve(hint.max(64));
+            if self.io.read_buf(raw).await? == 0 {
                 return Ok(0);
             }
         }
@@ -226,12 +219,50 @@ impl WsReader {
 
     /// Drops the read buffer if nothing is in it (an idle connection).
     pub fn release(&mut self) {
-        if self.raw.is_empty() {
-            self.raw = BytesMut::new();
+        if self.dec.raw.is_empty() {
+            self.dec.raw = BytesMut::new();
+        }
+    }
+}
+
+/// Client frames to DERP bytes, with no I/O (so it can be fuzzed and
+/// property-tested on any cut of the stream).
+pub struct WsDecoder {
+    /// Bytes read but not yet decoded.
+    raw: BytesMut,
+    /// Payload bytes still to come of the data frame being read.
+    left: u64,
+    mask: [u8; 4],
+    /// Bytes of that frame's payload unmasked so far, modulo 4.
+    phase: usize,
+    /// Inside a fragmented data message (a data frame without FIN was seen).
+    in_message: bool,
+}
+
+impl WsDecoder {
+    pub fn new(raw: BytesMut, in_message: bool) -> Self {
+        WsDecoder {
+            raw,
+            left: 0,
+            mask: [0; 4],
+            phase: 0,
+            in_message,
         }
     }
 
-    fn decode(&mut self, buf: &mut BytesMut, pongs: &SendQueue) -> io::Result<Decoded> {
+    /// Where newly read bytes go.
+    pub fn input(&mut self) -> &mut BytesMut {
+        &mut self.raw
+    }
+
+    /// Decodes what is buffered: DERP bytes onto `buf`, each ping's payload
+    /// to `on_ping`. An error is the client breaking RFC 6455 (`InvalidData`)
+    /// or sending text (`Unsupported`).
+    pub fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+        mut on_ping: impl FnMut(Bytes),
+    ) -> io::Result<Decoded> {
         let mut data = 0;
         loop {
             if self.left > 0 {
@@ -291,7 +322,7 @@ impl WsReader {
                     let mut p = self.raw.split_to(h.payload_len as usize);
                     if h.opcode == OP_PING {
                         unmask(&mut p, h.mask, 0);
-                        pongs.push_control(Control::WsPong(p.freeze()));
+                        on_ping(p.freeze());
                     }
                 }
                 _ => return Err(bad("unknown WebSocket opcode")),
