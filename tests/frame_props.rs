@@ -5,6 +5,8 @@
 //! parsers panic. Bounded (a few hundred cases of a few KiB) so it runs in
 //! the normal `cargo test`.
 
+mod common;
+
 use bytes::BytesMut;
 use derp_relay::protocol::frame::{
     self, ClientFrame, FrameError, RawFrame, ServerFrame, client_frame_limit, server_frame_limit,
@@ -149,25 +151,8 @@ proptest! {
 
 // ------------------------------------------- WebSocket frames (conn::ws)
 
+use common::ws_client_frame;
 use derp_relay::conn::ws::{Decoded, WsDecoder};
-
-/// A masked client frame as RFC 6455 lays it out.
-fn client_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, mask: [u8; 4], payload: &[u8]) {
-    out.push(if fin { 0x80 } else { 0 } | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 65535 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-}
 
 /// Feeds `stream` to a decoder `cuts` bytes at a time: the DERP bytes, the
 /// pings' payloads, and whether it ended in a close or an error.
@@ -216,11 +201,11 @@ proptest! {
             let last = i + 1 == pieces.len();
             let fin = last || ends[i];
             let opcode = if in_message { 0x0 } else { 0x2 };
-            client_frame(&mut stream, fin, opcode, masks[i], &data[w[0]..w[1]]);
+            ws_client_frame(&mut stream, fin, opcode, masks[i], &data[w[0]..w[1]]);
             in_message = !fin;
             // Control frames may come between the fragments of a message.
             if let Some(p) = pings.get(i) {
-                client_frame(&mut stream, true, 0x9, masks[16], p);
+                ws_client_frame(&mut stream, true, 0x9, masks[16], p);
             }
         }
         let pings_sent: Vec<Vec<u8>> = pings.iter().take(pieces.len()).cloned().collect();
@@ -246,7 +231,7 @@ proptest! {
         let mut stream = Vec::new();
         for (b0, masked, payload, mask) in &frames {
             let mut f = Vec::new();
-            client_frame(&mut f, b0 & 0x80 != 0, b0 & 0x7f, *mask, payload);
+            ws_client_frame(&mut f, b0 & 0x80 != 0, b0 & 0x7f, *mask, payload);
             if !masked {
                 f[1] &= 0x7f;
             }

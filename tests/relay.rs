@@ -631,21 +631,8 @@ impl HandWs {
 
     async fn send(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
         use tokio::io::AsyncWriteExt;
-        let mask = [0x5a, 0x01, 0xc3, 0x7e];
-        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n <= 65535 => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        let mut f = Vec::new();
+        ws_client_frame(&mut f, fin, opcode, [0x5a, 0x01, 0xc3, 0x7e], payload);
         self.tcp.write_all(&f).await.unwrap();
     }
 

@@ -516,3 +516,22 @@ pub async fn ws_connect_handshaken(addr: SocketAddr) -> WsIo {
     ws.flush().await.unwrap();
     ws
 }
+
+/// A masked client WebSocket frame as RFC 6455 lays it out (for tests that
+/// send what libraries do not: fragments, pings between them, bad frames).
+pub fn ws_client_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, mask: [u8; 4], payload: &[u8]) {
+    out.push(if fin { 0x80 } else { 0 } | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 65535 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+}
