@@ -550,7 +550,7 @@ async fn websocket_violations_after_handshake_get_close_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_stops_reading_does_not_hold_its_senders_back() {
-    // A long queue wait, so a wait per packet would be unmistakable (10 000
+    // A long queue wait, so a wait per packet would be unmistakable (20 000
     // packets × 200 ms), and no write timeout within the test, so the stalled
     // receiver stays connected and its queue stays full throughout.
     let relay = start_relay(|c| {
@@ -563,10 +563,10 @@ async fn a_receiver_that_stops_reading_does_not_hold_its_senders_back() {
     let (ka, kb) = (NodeKeyPair::random(), NodeKeyPair::random());
     let a = ts_client(relay.addr, Via::Derp, &ka).await;
     let b = ts_client(relay.addr, Via::Ws, &kb).await;
-    const N: u32 = 10_000;
+    const N: u32 = 20_000;
     let to_stalled = ts_keys::NodePublicKey::from_bytes(stalled_key.0);
     let sender = tokio::spawn(async move {
-        // 12 MB for the stalled receiver: more than loopback's socket
+        // 24 MB for the stalled receiver: well over what loopback's socket
         // buffers hold, so its writer blocks and its queue fills.
         let filler = [0u8; 1200];
         for i in 0..N {
