@@ -152,12 +152,12 @@ proptest! {
 // ------------------------------------------- WebSocket frames (conn::ws)
 
 use common::ws_client_frame;
-use derp_relay::conn::ws::{Decoded, WsDecoder};
+use derp_relay::conn::ws::{ANY_LENGTH, Decoded, WsDecoder};
 
 /// Feeds `stream` to a decoder `cuts` bytes at a time: the DERP bytes, the
 /// pings' payloads, and whether it ended in a close or an error.
 fn ws_decode(stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Vec<Vec<u8>>, Option<String>) {
-    let mut dec = WsDecoder::new(BytesMut::new(), false);
+    let mut dec = WsDecoder::new(ANY_LENGTH);
     let (mut derp, mut pings) = (BytesMut::new(), Vec::new());
     let mut at = 0;
     let mut sizes = cuts.iter().copied().cycle();

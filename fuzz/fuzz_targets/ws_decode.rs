@@ -5,7 +5,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use derp_relay::conn::ws::{Decoded, WsDecoder};
+use derp_relay::conn::ws::{ANY_LENGTH, Decoded, WsDecoder};
 use derp_relay::protocol::frame::{self, client_frame_limit};
 use libfuzzer_sys::fuzz_target;
 
@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let step = usize::from(step).max(1);
-    let mut dec = WsDecoder::new(BytesMut::new(), false);
+    let mut dec = WsDecoder::new(ANY_LENGTH);
     let mut derp = BytesMut::new();
     'feed: for chunk in stream.chunks(step) {
         dec.input().extend_from_slice(chunk);

@@ -12,11 +12,12 @@
 
 use std::io;
 
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use super::transport::{self, ConnReader, ConnWriter, RawIo};
 use super::ws;
 use crate::protocol::frame::{HEADER_LEN, MAX_CLIENT_INFO_PAYLOAD};
-use bytes::{Buf, BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Largest read made before authentication; buffers grow by at most this much
 /// per read, and only when the bytes are there.
@@ -33,10 +34,9 @@ pub enum PreAuth {
 
 pub struct WsPreAuth {
     io: RawIo,
-    /// Raw WebSocket bytes not yet decoded into frames.
-    raw: BytesMut,
-    /// Inside a fragmented data message (a frame without FIN was seen).
-    in_message: bool,
+    /// The same decoder the authenticated connection goes on with, limited
+    /// to handshake-sized frames.
+    dec: ws::WsDecoder,
 }
 
 impl PreAuth {
@@ -47,8 +47,7 @@ impl PreAuth {
     pub fn websocket(io: RawIo) -> Self {
         PreAuth::Ws(WsPreAuth {
             io,
-            raw: BytesMut::new(),
-            in_message: false,
+            dec: ws::WsDecoder::new(MAX_PREAUTH_WS_FRAME as u64),
         })
     }
 
@@ -86,7 +85,7 @@ impl PreAuth {
     pub fn into_conn(self) -> (ConnReader, ConnWriter) {
         match self {
             PreAuth::Derp(io) => transport::derp(io),
-            PreAuth::Ws(w) => transport::websocket(w.io, w.raw, w.in_message),
+            PreAuth::Ws(w) => transport::websocket(w.io, w.dec),
         }
     }
 
@@ -101,52 +100,18 @@ impl PreAuth {
 impl WsPreAuth {
     async fn read_some(&mut self, buf: &mut BytesMut, step: usize) -> io::Result<usize> {
         loop {
-            let need = match ws::parse_header(&self.raw, MAX_PREAUTH_WS_FRAME as u64)? {
-                Some(h) if self.raw.len() >= h.header_len + h.payload_len as usize => {
-                    match self.take_frame(&h, buf)? {
-                        Some(n) => return Ok(n),
-                        None => continue,
-                    }
-                }
-                Some(h) => h.header_len + h.payload_len as usize - self.raw.len(),
-                None => 2,
-            };
-            self.raw.reserve(need.clamp(step, READ_STEP));
-            let n = self
-                .io
-                .read_buf(&mut BufMut::limit(&mut self.raw, READ_STEP))
-                .await?;
-            if n == 0 {
+            // Pings before the handshake: nothing to answer them with yet.
+            match self.dec.decode(buf, |_| {})? {
+                ws::Decoded::Closed => return Ok(0),
+                ws::Decoded::Data(0) => {}
+                ws::Decoded::Data(n) => return Ok(n),
+            }
+            let want = self.dec.wants().clamp(step, READ_STEP);
+            let raw = self.dec.input();
+            raw.reserve(want);
+            if self.io.read_buf(&mut BufMut::limit(raw, READ_STEP)).await? == 0 {
                 return Ok(0);
             }
-        }
-    }
-
-    /// Consumes the complete frame `h` at the front of `raw`: DERP bytes are
-    /// unmasked onto `buf`. `Some(n)` is what `read_some` returns (0 = the
-    /// client closed); `None` means nothing for the caller yet.
-    fn take_frame(&mut self, h: &ws::Header, buf: &mut BytesMut) -> io::Result<Option<usize>> {
-        let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
-        self.raw.advance(h.header_len);
-        let len = h.payload_len as usize;
-        let payload = self.raw.split_to(len);
-        match h.opcode {
-            // Continuation or binary: the DERP byte stream.
-            0x0 | 0x2 => {
-                if (h.opcode == 0x0) != self.in_message {
-                    return Err(bad("WebSocket continuation out of order"));
-                }
-                self.in_message = !h.fin;
-                let start = buf.len();
-                buf.extend_from_slice(&payload);
-                ws::unmask(&mut buf[start..], h.mask, 0);
-                Ok((len > 0).then_some(len))
-            }
-            0x1 => Err(bad("text WebSocket message; DERP uses binary messages")),
-            0x8 => Ok(Some(0)),
-            // Ping and pong before the handshake: nothing to answer yet.
-            0x9 | 0xa => Ok(None),
-            _ => Err(bad("unknown WebSocket opcode")),
         }
     }
 }

@@ -147,11 +147,8 @@ fn read_result(
 
 /// Lets the writers this read woke run (they wait in this worker's run
 /// queue); if the destination is still full, waits for its writer to take its
-/// batch (at most `queue_wait`), then queues, evicting the oldest if still
-/// full. No wait for a writer whose write has been stuck that long: a
-/// receiver that has stopped reading must not hold its senders back, so only
-/// one that drains at least `queue_depth` packets per `queue_wait` ever
-/// slows a sender.
+/// batch (bounded: see [`ClientHandle::push_when_room`]), then queues,
+/// evicting the oldest if still full.
 async fn route_when_room(
     shared: &Shared,
     src: PublicKey,
@@ -165,21 +162,8 @@ async fn route_when_room(
         Some(h) if !wait.is_zero() => h,
         _ => return (dst, shared.clients.route(src, &dst, packet, disco)),
     };
-    let stuck = h
-        .write_blocked_for(shared.now_ms())
-        .is_some_and(|ms| u128::from(ms) >= wait.as_millis());
-    let r = if stuck {
-        h.queue.push_packet(src, packet, disco)
-    } else {
-        let deadline = tokio::time::Instant::now() + wait;
-        h.queue.push_when_room(src, packet, disco, deadline).await
-    };
-    let r = match r {
-        Ok(()) => Ok((h.conn_id, None)),
-        Err(DropReason::QueueHead) => Ok((h.conn_id, Some(DropReason::QueueHead))),
-        Err(r) => Err(r),
-    };
-    (dst, r)
+    let now = shared.now_ms();
+    (dst, h.push_when_room(src, packet, disco, wait, now).await)
 }
 
 /// What a reader keeps from one read to the next, busy or idle.

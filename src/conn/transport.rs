@@ -37,12 +37,11 @@ pub fn derp(io: RawIo) -> (ConnReader, ConnWriter) {
     (ConnReader::Derp(r), ConnWriter::Derp(w))
 }
 
-/// Splits a WebSocket whose handshake read `raw` past its last frame (and
-/// ended inside a fragmented message if `in_message`).
-pub fn websocket(io: RawIo, raw: BytesMut, in_message: bool) -> (ConnReader, ConnWriter) {
+/// Splits a WebSocket, going on with the handshake's frame decoder.
+pub fn websocket(io: RawIo, dec: ws::WsDecoder) -> (ConnReader, ConnWriter) {
     let (r, w) = tokio::io::split(io);
     (
-        ConnReader::Ws(Box::new(WsReader::new(r, raw, in_message))),
+        ConnReader::Ws(Box::new(WsReader::new(r, dec))),
         ConnWriter::Ws(Box::new(WsWriter::new(w))),
     )
 }

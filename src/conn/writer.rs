@@ -88,9 +88,9 @@ async fn write_frames(
         }
         if let Some(why) = abort {
             // Outside the loop, so the task's state does not keep the drain
-            // iterator and a Control across this await. Boxed, as goodbye
-            // below: rare, and an idle writer task would carry its state.
-            batch.control.clear();
+            // iterator and a Control across this await (leaving the loop
+            // dropped what followed the Abort). Boxed, as goodbye below:
+            // rare, and an idle writer task would carry its state.
             h.begin_write(shared.now_ms(), 0);
             Box::pin(wr.abort(why)).await;
             h.end_write();

@@ -29,16 +29,19 @@ const OP_BINARY: u8 = 0x2;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xa;
+/// The largest length a frame header may carry (RFC 6455 §5.2: 63 bits):
+/// the limit once a client is authenticated.
+pub const ANY_LENGTH: u64 = i64::MAX as u64;
 /// Control frames carry at most this much (RFC 6455 §5.5).
 const MAX_CONTROL: usize = 125;
 
 /// A client frame's header.
-pub struct Header {
-    pub fin: bool,
-    pub opcode: u8,
-    pub mask: [u8; 4],
-    pub header_len: usize,
-    pub payload_len: u64,
+struct Header {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    header_len: usize,
+    payload_len: u64,
 }
 
 fn bad(m: &str) -> io::Error {
@@ -48,7 +51,7 @@ fn bad(m: &str) -> io::Error {
 /// Parses a client frame header at the front of `b`: `Ok(None)` if more bytes
 /// are needed; an error for anything RFC 6455 forbids a client, or a payload
 /// over `max`.
-pub fn parse_header(b: &[u8], max: u64) -> io::Result<Option<Header>> {
+fn parse_header(b: &[u8], max: u64) -> io::Result<Option<Header>> {
     if b.len() < 2 {
         return Ok(None);
     }
@@ -93,7 +96,7 @@ pub fn parse_header(b: &[u8], max: u64) -> io::Result<Option<Header>> {
 
 /// XORs `data` with `mask`, starting `phase` bytes into the mask (a frame's
 /// payload may be unmasked over several reads). Eight bytes at a time.
-pub fn unmask(data: &mut [u8], mask: [u8; 4], phase: usize) {
+fn unmask(data: &mut [u8], mask: [u8; 4], phase: usize) {
     let m: [u8; 4] = std::array::from_fn(|i| mask[(phase + i) % 4]);
     let wide = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
     let mut chunks = data.chunks_exact_mut(8);
@@ -134,7 +137,7 @@ fn put_header(into: &mut [u8], opcode: u8, len: usize) {
 }
 
 /// Appends a whole server frame.
-pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     let start = out.len();
     let h = header_len(payload.len());
     out.resize(start + h, 0);
@@ -173,13 +176,12 @@ pub enum Decoded {
 }
 
 impl WsReader {
-    /// `raw`: bytes the handshake read past its last frame; `in_message`: the
-    /// handshake ended inside a fragmented message.
-    pub fn new(io: ReadHalf<RawIo>, raw: BytesMut, in_message: bool) -> Self {
-        WsReader {
-            io,
-            dec: WsDecoder::new(raw, in_message),
-        }
+    /// Goes on from where the handshake's decoder stopped (bytes it read past
+    /// ClientInfo, a fragmented message or a frame it was in the middle of),
+    /// without its frame-size limit.
+    pub fn new(io: ReadHalf<RawIo>, mut dec: WsDecoder) -> Self {
+        dec.max_frame = ANY_LENGTH;
+        WsReader { io, dec }
     }
 
     /// Waits for the first byte of an idle connection without holding a
@@ -230,6 +232,8 @@ impl WsReader {
 pub struct WsDecoder {
     /// Bytes read but not yet decoded.
     raw: BytesMut,
+    /// Largest frame a header may announce.
+    max_frame: u64,
     /// Payload bytes still to come of the data frame being read.
     left: u64,
     mask: [u8; 4],
@@ -240,13 +244,28 @@ pub struct WsDecoder {
 }
 
 impl WsDecoder {
-    pub fn new(raw: BytesMut, in_message: bool) -> Self {
+    /// Refuses any frame announcing more than `max_frame` bytes from its
+    /// header (before authentication; [`WsReader`] lifts the limit).
+    pub fn new(max_frame: u64) -> Self {
         WsDecoder {
-            raw,
+            raw: BytesMut::new(),
+            max_frame,
             left: 0,
             mask: [0; 4],
             phase: 0,
-            in_message,
+            in_message: false,
+        }
+    }
+
+    /// How many more raw bytes would let `decode` make progress: a read size
+    /// that does not reserve more than the stream is about to carry.
+    pub fn wants(&self) -> usize {
+        if self.left > 0 {
+            return usize::try_from(self.left).unwrap_or(usize::MAX);
+        }
+        match parse_header(&self.raw, self.max_frame) {
+            Ok(Some(h)) => (h.header_len + h.payload_len as usize).saturating_sub(self.raw.len()),
+            _ => 2,
         }
     }
 
@@ -279,9 +298,9 @@ impl WsDecoder {
                 data += take;
                 continue;
             }
-            // A frame may announce up to 2^63 bytes; data frames are consumed
-            // as they arrive, so nothing is reserved from the length.
-            let Some(h) = parse_header(&self.raw, i64::MAX as u64)? else {
+            // Data frames are consumed as they arrive, so nothing is reserved
+            // from an announced length, whatever the limit.
+            let Some(h) = parse_header(&self.raw, self.max_frame)? else {
                 return Ok(Decoded::Data(data));
             };
             match h.opcode {

@@ -7,10 +7,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
+use bytes::Bytes;
+
 use super::send_queue::SendQueue;
 use super::watch::WatchQueue;
 use crate::protocol::PublicKey;
-use crate::reasons::{CloseReason, Transport};
+use crate::reasons::{CloseReason, DropReason, Transport};
 
 /// Receivers remembered per sender for PeerGone. A client that sprays packets
 /// at more peers than this simply stops being remembered for new ones.
@@ -95,6 +97,50 @@ impl ClientHandle {
 
     pub fn end_write(&self) {
         self.write_started_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Queues a packet for this client, evicting the oldest if the queue is
+    /// full: the connection id and, if it was full, the reason for the packet
+    /// that made room.
+    pub fn push(
+        &self,
+        src: PublicKey,
+        data: Bytes,
+        disco: bool,
+    ) -> Result<(u64, Option<DropReason>), DropReason> {
+        self.pushed(self.queue.push_packet(src, data, disco))
+    }
+
+    /// As [`Self::push`], but a full queue first makes the sender wait for
+    /// the writer to take its batch, at most `wait`
+    /// ([`SendQueue::push_when_room`]). No wait for a writer whose write has
+    /// been stuck that long: a receiver that has stopped reading must not
+    /// hold its senders back, so only one that drains at least `queue_depth`
+    /// packets per `wait` ever slows a sender.
+    pub async fn push_when_room(
+        &self,
+        src: PublicKey,
+        data: Bytes,
+        disco: bool,
+        wait: std::time::Duration,
+        now_ms: u64,
+    ) -> Result<(u64, Option<DropReason>), DropReason> {
+        let stuck = self
+            .write_blocked_for(now_ms)
+            .is_some_and(|ms| u128::from(ms) >= wait.as_millis());
+        if stuck {
+            return self.push(src, data, disco);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        self.pushed(self.queue.push_when_room(src, data, disco, deadline).await)
+    }
+
+    fn pushed(&self, r: Result<(), DropReason>) -> Result<(u64, Option<DropReason>), DropReason> {
+        match r {
+            Ok(()) => Ok((self.conn_id, None)),
+            Err(DropReason::QueueHead) => Ok((self.conn_id, Some(DropReason::QueueHead))),
+            Err(r) => Err(r),
+        }
     }
 
     /// How long the write in progress has been blocked, if one is.

@@ -195,24 +195,23 @@ impl ForwardQueue {
     /// only to drop them.
     pub async fn push_when_room(
         &self,
-        mut f: Forward,
+        f: Forward,
         wait: std::time::Duration,
     ) -> Result<Option<DropReason>, DropReason> {
         let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let room = self.room.notified();
-            tokio::pin!(room);
-            // Registered before the check, so a batch taken in between is seen.
-            room.as_mut().enable();
-            match self.try_push(f) {
-                Ok(()) => return Ok(None),
-                Err(None) => return Err(DropReason::MeshQueue),
-                Err(Some(back)) => f = back,
-            }
-            self.wake.notify_one();
-            if tokio::time::timeout_at(deadline, room).await.is_err() {
-                return self.push(f);
-            }
+        let waited =
+            super::send_queue::wait_for_room(&self.room, deadline, f, |f| match self.try_push(f) {
+                Ok(()) => Ok(Ok(None)),
+                Err(None) => Ok(Err(DropReason::MeshQueue)),
+                Err(Some(back)) => {
+                    self.wake.notify_one();
+                    Err(back)
+                }
+            })
+            .await;
+        match waited {
+            Ok(r) => r,
+            Err(f) => self.push(f),
         }
     }
 

@@ -95,6 +95,73 @@ struct Inner {
     gave_up: bool,
 }
 
+impl Inner {
+    /// Queues without evicting: a closed queue (`GoneDisconnected`) or a full
+    /// lane (`QueueHead`) hands the packet back.
+    fn try_push(
+        &mut self,
+        depth: usize,
+        src: PublicKey,
+        data: Bytes,
+        disco: bool,
+    ) -> Result<(), (DropReason, Bytes)> {
+        if self.closed {
+            return Err((DropReason::GoneDisconnected, data));
+        }
+        let q = self.pending.lane(disco);
+        if q.len() >= depth {
+            return Err((DropReason::QueueHead, data));
+        }
+        q.push_back((src, data));
+        Ok(())
+    }
+
+    /// Queues, dropping the lane's oldest packet if it is full
+    /// (`Ok(true)`); a closed queue drops this one.
+    fn push(
+        &mut self,
+        depth: usize,
+        src: PublicKey,
+        data: Bytes,
+        disco: bool,
+    ) -> Result<bool, DropReason> {
+        match self.try_push(depth, src, data, disco) {
+            Ok(()) => Ok(false),
+            Err((DropReason::QueueHead, data)) => {
+                let q = self.pending.lane(disco);
+                q.pop_front();
+                q.push_back((src, data));
+                Ok(true)
+            }
+            Err((r, _)) => Err(r),
+        }
+    }
+}
+
+/// Offers `value` to `attempt` until it takes it (`Ok`), again each time
+/// `room` is notified, until `deadline`; then hands `value` back. The waiter
+/// is registered before each attempt, so a notification between the attempt
+/// and the wait is not lost. Shared by the client and mesh queues.
+pub(super) async fn wait_for_room<V, T>(
+    room: &Notify,
+    deadline: tokio::time::Instant,
+    mut value: V,
+    mut attempt: impl FnMut(V) -> Result<T, V>,
+) -> Result<T, V> {
+    loop {
+        let notified = room.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        value = match attempt(value) {
+            Ok(done) => return Ok(done),
+            Err(back) => back,
+        };
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return Err(value);
+        }
+    }
+}
+
 impl SendQueue {
     pub fn new(depth: usize) -> Self {
         SendQueue {
@@ -115,19 +182,7 @@ impl SendQueue {
     /// to make room and its drop reason returned; on a closed queue the packet
     /// itself is dropped.
     pub fn push_packet(&self, src: PublicKey, data: Bytes, disco: bool) -> Result<(), DropReason> {
-        let evicted = {
-            let mut g = self.lock();
-            if g.closed {
-                return Err(DropReason::GoneDisconnected);
-            }
-            let q = g.pending.lane(disco);
-            let evicted = q.len() >= self.depth;
-            if evicted {
-                q.pop_front();
-            }
-            q.push_back((src, data));
-            evicted
-        };
+        let evicted = self.lock().push(self.depth, src, data, disco)?;
         self.wake.notify_one();
         if evicted {
             Err(DropReason::QueueHead)
@@ -147,16 +202,7 @@ impl SendQueue {
         data: Bytes,
         disco: bool,
     ) -> Result<(), (DropReason, Bytes)> {
-        let mut g = self.lock();
-        if g.closed {
-            return Err((DropReason::GoneDisconnected, data));
-        }
-        let q = g.pending.lane(disco);
-        if q.len() >= self.depth {
-            return Err((DropReason::QueueHead, data));
-        }
-        q.push_back((src, data));
-        Ok(())
+        self.lock().try_push(self.depth, src, data, disco)
     }
 
     /// Queues a packet once the writer has taken its current batch, waiting
@@ -173,34 +219,37 @@ impl SendQueue {
         disco: bool,
         deadline: tokio::time::Instant,
     ) -> Result<(), DropReason> {
-        loop {
-            let room = self.room.notified();
-            tokio::pin!(room);
-            // Registered before the check, so a batch taken in between is seen.
-            room.as_mut().enable();
-            {
-                let mut g = self.lock();
-                if g.closed {
-                    return Err(DropReason::GoneDisconnected);
+        let waited = wait_for_room(&self.room, deadline, data, |data| {
+            let mut g = self.lock();
+            let r = match g.try_push(self.depth, src, data, disco) {
+                Ok(()) => Ok(false),
+                // A wait already ran out since the writer last took a batch.
+                Err((DropReason::QueueHead, data)) if g.gave_up => {
+                    g.push(self.depth, src, data, disco)
                 }
-                let q = g.pending.lane(disco);
-                if q.len() < self.depth {
-                    q.push_back((src, data));
+                Err((DropReason::QueueHead, data)) => {
+                    g.room_wanted = true;
                     drop(g);
                     self.wake.notify_one();
-                    return Ok(());
+                    return Err(data);
                 }
-                if g.gave_up {
-                    drop(g);
-                    return self.push_packet(src, data, disco);
-                }
-                g.room_wanted = true;
+                Err((r, _)) => Err(r),
+            };
+            Ok(r)
+        })
+        .await;
+        let evicted = match waited {
+            Ok(r) => r,
+            Err(data) => {
+                let mut g = self.lock();
+                g.gave_up = true;
+                g.push(self.depth, src, data, disco)
             }
-            self.wake.notify_one();
-            if tokio::time::timeout_at(deadline, room).await.is_err() {
-                self.lock().gave_up = true;
-                return self.push_packet(src, data, disco);
-            }
+        };
+        self.wake.notify_one();
+        match evicted? {
+            true => Err(DropReason::QueueHead),
+            false => Ok(()),
         }
     }
 
@@ -345,12 +394,19 @@ mod tests {
         q.push_packet(k(1), p(b"e"), false).unwrap();
         let q3 = q.clone();
         let waiter = tokio::spawn(async move {
-            q3.push_when_room(k(1), Bytes::from_static(b"f"), false, deadline(60_000))
-                .await
+            let t = tokio::time::Instant::now();
+            let r = q3
+                .push_when_room(k(1), Bytes::from_static(b"f"), false, deadline(60_000))
+                .await;
+            (r, t.elapsed())
         });
         tokio::task::yield_now().await;
         q.close();
-        assert_eq!(waiter.await.unwrap(), Err(DropReason::GoneDisconnected));
+        // Released by the close, not by its deadline (the paused clock would
+        // have jumped to it, with the same result).
+        let (r, waited) = waiter.await.unwrap();
+        assert_eq!(r, Err(DropReason::GoneDisconnected));
+        assert_eq!(waited, std::time::Duration::ZERO);
     }
 
     #[tokio::test]

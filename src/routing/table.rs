@@ -56,12 +56,7 @@ impl Clients {
                 None => Err(DropReason::UnknownDest),
             };
         };
-        let h = &slot.active;
-        match h.queue.push_packet(src, data, disco) {
-            Ok(()) => Ok((h.conn_id, None)),
-            Err(DropReason::QueueHead) => Ok((h.conn_id, Some(DropReason::QueueHead))),
-            Err(r) => Err(r),
-        }
+        slot.active.push(src, data, disco)
     }
 
     /// A packet a mesh peer forwarded: local delivery only, never forwarded
@@ -74,12 +69,7 @@ impl Clients {
         disco: bool,
     ) -> Result<(u64, Option<DropReason>), DropReason> {
         let slot = self.map.get(dst).ok_or(DropReason::UnknownDestOnFwd)?;
-        let h = &slot.active;
-        match h.queue.push_packet(src, data, disco) {
-            Ok(()) => Ok((h.conn_id, None)),
-            Err(DropReason::QueueHead) => Ok((h.conn_id, Some(DropReason::QueueHead))),
-            Err(r) => Err(r),
-        }
+        slot.active.push(src, data, disco)
     }
 
     /// Runs `f` on `dst`'s local active connection with `data` while the
