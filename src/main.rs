@@ -36,11 +36,25 @@ type SetLogLevel = Box<dyn Fn(Option<&str>) -> Result<(), String> + Send + Sync>
 
 /// `log_level` if set, else `RUST_LOG`, else `info`. The setting was
 /// validated with the config, so a parse failure here cannot happen.
+///
+/// ractor opens an INFO span for every actor, so at `info` each client's
+/// connection actor held a span (about 300 bytes of formatted fields, a tenth
+/// of a client's own memory) and every line logged inside an actor carried an
+/// `Actor{id="0.12345"}:` prefix that names nothing an operator can use. Our
+/// lines carry their own fields, so ractor is held to `warn` unless the
+/// filter names it.
 fn log_filter(level: Option<&str>) -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
-    match level {
+    let filter = match level {
         Some(l) => EnvFilter::try_new(l.trim()).unwrap_or_else(|_| EnvFilter::new("info")),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    if filter.to_string().contains("ractor") {
+        return filter;
+    }
+    match "ractor=warn".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
     }
 }
 
