@@ -152,7 +152,7 @@ proptest! {
 // ------------------------------------------- WebSocket frames (conn::ws)
 
 use common::ws_client_frame;
-use derp_relay::conn::ws::{ANY_LENGTH, Decoded, WsDecoder};
+use derp_relay::protocol::ws::{ANY_LENGTH, Decoded, WsDecoder};
 
 /// Feeds `stream` to a decoder `cuts` bytes at a time: the DERP bytes, the
 /// pings' payloads, and whether it ended in a close or an error.

@@ -5,7 +5,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use derp_relay::conn::ws::{ANY_LENGTH, Decoded, WsDecoder};
+use derp_relay::protocol::ws::{ANY_LENGTH, Decoded, WsDecoder};
 use derp_relay::protocol::frame::{self, client_frame_limit};
 use libfuzzer_sys::fuzz_target;
 

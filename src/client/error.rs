@@ -1,8 +1,8 @@
 //! Why talking to a relay failed. One error type serves every step (connect,
 //! TLS, upgrade, handshake, frames) so a caller sees a precise cause an
 //! operator can act on — a 429, a refused key, a TLS failure — rather than
-//! "connection failed"; the WebSocket library's errors are mapped into it here
-//! so both transports report alike.
+//! "connection failed". Both transports report alike: the WebSocket framing
+//! is our own, so a dropped connection is the same error over either.
 
 use std::io;
 use std::time::Duration;
@@ -67,23 +67,4 @@ pub(super) fn describe_http_refusal(
         s.push_str(&format!("; body: {body:?}"));
     }
     s
-}
-
-pub(super) fn ws_io_error(e: tokio_tungstenite::tungstenite::Error) -> ClientError {
-    use tokio_tungstenite::tungstenite::Error as E;
-    match e {
-        E::Io(e) => ClientError::Io(e),
-        E::ConnectionClosed | E::AlreadyClosed => ClientError::Io(io::Error::new(
-            io::ErrorKind::ConnectionAborted,
-            "WebSocket closed",
-        )),
-        // A relay refusing a key just drops the connection, with no close frame.
-        E::Protocol(
-            tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-        ) => ClientError::Io(io::Error::new(
-            io::ErrorKind::ConnectionReset,
-            "connection closed without a WebSocket close frame",
-        )),
-        other => ClientError::WebSocket(other.to_string()),
-    }
 }

@@ -1,26 +1,26 @@
 //! The HTTP/1.1 upgrade that turns a connection into a DERP frame stream, for
-//! both transports: `Upgrade: DERP` written by hand (so bytes after the 101 are
-//! kept as the first frames) and WebSocket with the `derp` subprotocol. It
+//! both transports, written by hand so bytes after the 101 are kept as the
+//! first frames: `Upgrade: DERP`, or WebSocket with the `derp` subprotocol. It
 //! exists so a refusal is reported as the relay gave it — status, reason,
 //! Retry-After and the start of the body — and so healthcheck can reuse the
 //! response-head reader.
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
-use futures_util::StreamExt as _;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::timeout;
-use tokio_tungstenite::client_async_with_config;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_util::either::Either;
 
-use super::error::{ClientError, ws_io_error};
-use super::frames::{FrameReader, FrameWriter, ReadSide, WriteSide};
+use super::error::ClientError;
+use super::frames::{FrameReader, FrameWriter, PongOwed, ReadSide, WriteSide, WsOut};
 use super::net::{Conn, ConnectOptions, connect_stream_via};
 use super::url::RelayUrl;
-use crate::stream::ReadAhead;
+use crate::protocol::ws::WsDecoder;
 
 /// Response headers longer than this are not from a relay.
 const MAX_RESPONSE_HEAD: usize = 16 << 10;
@@ -147,22 +147,28 @@ pub async fn open_via(
     opts: &ConnectOptions,
 ) -> Result<(FrameReader, FrameWriter), ClientError> {
     let conn = connect_stream_via(dial, &url.host, url.port, url.tls, opts).await?;
-    if url.websocket {
-        websocket_upgrade(conn, url).await
-    } else {
-        derp_upgrade(conn, url).await
-    }
+    upgrade(conn, url).await
 }
 
-async fn derp_upgrade(
+async fn upgrade(
     mut conn: Conn,
     url: &RelayUrl,
 ) -> Result<(FrameReader, FrameWriter), ClientError> {
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
-        url.path,
-        url.authority()
-    );
+    let ws_key = url.websocket.then(generate_key);
+    let req = match &ws_key {
+        None => format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n",
+            url.path,
+            url.authority()
+        ),
+        Some(key) => format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Protocol: derp\r\n\r\n",
+            url.path,
+            url.authority()
+        ),
+    };
     conn.write_all(req.as_bytes()).await?;
     conn.flush().await?;
     let mut buf = BytesMut::with_capacity(4096);
@@ -170,83 +176,55 @@ async fn derp_upgrade(
     if head.status != 101 {
         return Err(refusal(&mut conn, buf, head).await);
     }
-    // Bytes after the head are already DERP frames: `buf` carries them over.
-    Ok(match conn {
+    if let Some(key) = &ws_key {
+        check_websocket_accept(&head, key)?;
+    }
+    // Bytes after the head are already frames (DERP, or WebSocket frames
+    // carrying DERP): `buf` carries them over.
+    let pongs = Arc::<PongOwed>::default();
+    let (ws_in, ws_out) = match ws_key {
+        None => (None, None),
+        Some(_) => (
+            Some((WsDecoder::from_server(), pongs.clone())),
+            Some(WsOut::new(pongs)),
+        ),
+    };
+    let (rd, wr) = match conn {
         Either::Left(tcp) => {
             let (rd, wr) = tcp.into_split();
-            (
-                FrameReader {
-                    side: ReadSide::Tcp(rd),
-                    buf,
-                },
-                FrameWriter(WriteSide::Tcp(wr)),
-            )
+            (ReadSide::Tcp(rd), WriteSide::Tcp(wr))
         }
         Either::Right(tls) => {
             let (rd, wr) = tokio::io::split(*tls);
-            (
-                FrameReader {
-                    side: ReadSide::Tls(rd),
-                    buf,
-                },
-                FrameWriter(WriteSide::Tls(wr)),
-            )
+            (ReadSide::Tls(rd), WriteSide::Tls(wr))
         }
-    })
+    };
+    Ok((
+        FrameReader::new(rd, buf, ws_in),
+        FrameWriter::new(wr, ws_out),
+    ))
 }
 
-async fn websocket_upgrade(
-    conn: Conn,
-    url: &RelayUrl,
-) -> Result<(FrameReader, FrameWriter), ClientError> {
-    let mut req = url
-        .to_string()
-        .into_client_request()
-        .map_err(|e| ClientError::WebSocket(e.to_string()))?;
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        http::HeaderValue::from_static("derp"),
-    );
-    // As the relay does: tungstenite zeroes its read buffer before every
-    // read (128 KiB by default, a memset per message), so it gets a small
-    // one and large reads come from ReadAhead underneath.
-    let config = WebSocketConfig::default().read_buffer_size(256);
-    let (ws, _) = client_async_with_config(req, ReadAhead::new(conn), Some(config))
-        .await
-        .map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                let body = resp
-                    .body()
-                    .as_deref()
-                    .map(|b| {
-                        String::from_utf8_lossy(&b[..b.len().min(MAX_ERROR_BODY)]).into_owned()
-                    })
-                    .unwrap_or_default();
-                ClientError::Http {
-                    status: resp.status().as_u16(),
-                    reason: resp
-                        .status()
-                        .canonical_reason()
-                        .unwrap_or_default()
-                        .to_owned(),
-                    retry_after: resp
-                        .headers()
-                        .get(http::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned),
-                    body,
-                }
-            }
-            other => ws_io_error(other),
-        })?;
-    let (w, r) = ws.split();
-    Ok((
-        FrameReader {
-            side: ReadSide::Ws(r),
-            buf: BytesMut::new(),
-        },
-        FrameWriter(WriteSide::Ws(w)),
-    ))
+/// A 101 to a WebSocket request must prove it read our key (RFC 6455 §4.1)
+/// and, if it names a subprotocol, name ours.
+fn check_websocket_accept(head: &ResponseHead, key: &str) -> Result<(), ClientError> {
+    let upgrade = head.header("upgrade").unwrap_or_default();
+    if !upgrade.eq_ignore_ascii_case("websocket") {
+        return Err(ClientError::WebSocket(format!(
+            "101 with Upgrade: {upgrade:?}, not websocket"
+        )));
+    }
+    if head.header("sec-websocket-accept") != Some(derive_accept_key(key.as_bytes()).as_str()) {
+        return Err(ClientError::WebSocket(
+            "Sec-WebSocket-Accept does not match the key sent".into(),
+        ));
+    }
+    match head.header("sec-websocket-protocol") {
+        None | Some("derp") => Ok(()),
+        Some(other) => Err(ClientError::WebSocket(format!(
+            "relay chose subprotocol {other:?}, not derp"
+        ))),
+    }
 }
 
 #[cfg(test)]

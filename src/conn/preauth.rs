@@ -16,8 +16,8 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::transport::{self, ConnReader, ConnWriter, RawIo};
-use super::ws;
 use crate::protocol::frame::{HEADER_LEN, MAX_CLIENT_INFO_PAYLOAD};
+use crate::protocol::ws;
 
 /// Largest read made before authentication; buffers grow by at most this much
 /// per read, and only when the bytes are there.
@@ -59,7 +59,7 @@ impl PreAuth {
                 io.flush().await
             }
             PreAuth::Ws(w) => {
-                let mut out = Vec::with_capacity(derp.len() + ws::PREFIX);
+                let mut out = Vec::with_capacity(derp.len() + ws::MAX_SERVER_HEADER);
                 ws::encode_binary(&mut out, derp);
                 w.io.write_all(&out).await?;
                 w.io.flush().await

@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use super::ws::{self, WsReader, WsWriter};
 use crate::protocol::frame;
+use crate::protocol::ws::WsDecoder;
 use crate::reasons::CloseReason;
 use crate::routing::SendQueue;
 
@@ -38,7 +39,7 @@ pub fn derp(io: RawIo) -> (ConnReader, ConnWriter) {
 }
 
 /// Splits a WebSocket, going on with the handshake's frame decoder.
-pub fn websocket(io: RawIo, dec: ws::WsDecoder) -> (ConnReader, ConnWriter) {
+pub fn websocket(io: RawIo, dec: WsDecoder) -> (ConnReader, ConnWriter) {
     let (r, w) = tokio::io::split(io);
     (
         ConnReader::Ws(Box::new(WsReader::new(r, dec))),

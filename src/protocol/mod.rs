@@ -10,6 +10,7 @@ pub mod handshake;
 pub mod keys;
 pub mod proxy_header;
 pub mod stun;
+pub mod ws;
 
 pub use frame::{ClientFrame, FrameError, FrameType, PeerGoneReason};
 pub use handshake::{ClientInfo, HandshakeError, ServerSecret};
