@@ -225,7 +225,7 @@ impl ClientFrame {
     pub fn parse(frame: RawFrame) -> Result<Self, FrameError> {
         let RawFrame {
             frame_type,
-            payload,
+            mut payload,
         } = frame;
         let short = |need: usize| {
             if payload.len() < need {
@@ -240,17 +240,24 @@ impl ClientFrame {
         Ok(match FrameType::from_u8(frame_type) {
             Some(FrameType::SendPacket) => {
                 short(KEY_LEN)?;
+                let dst = key_at(&payload, 0);
+                // Advanced rather than sliced: a slice is one more reference
+                // count taken and one dropped on the read buffer the writers
+                // are releasing packets of from the other core, per packet.
+                payload.advance(KEY_LEN);
                 ClientFrame::SendPacket {
-                    dst: key_at(&payload, 0),
-                    packet: payload.slice(KEY_LEN..),
+                    dst,
+                    packet: payload,
                 }
             }
             Some(FrameType::ForwardPacket) => {
                 short(2 * KEY_LEN)?;
+                let (src, dst) = (key_at(&payload, 0), key_at(&payload, KEY_LEN));
+                payload.advance(2 * KEY_LEN);
                 ClientFrame::ForwardPacket {
-                    src: key_at(&payload, 0),
-                    dst: key_at(&payload, KEY_LEN),
-                    packet: payload.slice(2 * KEY_LEN..),
+                    src,
+                    dst,
+                    packet: payload,
                 }
             }
             Some(FrameType::NotePreferred) => {
