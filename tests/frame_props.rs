@@ -156,9 +156,17 @@ use derp_relay::protocol::ws::{ANY_LENGTH, Decoded, WsDecoder};
 
 /// Feeds `stream` to a decoder `cuts` bytes at a time: the DERP bytes, the
 /// pings' payloads, and whether it ended in a close or an error.
-fn ws_decode(stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Vec<Vec<u8>>, Option<String>) {
+///
+/// With `drain`, the DERP bytes are taken out after every call, as the
+/// relay's reader does when it has parsed whole frames.
+fn ws_decode(
+    stream: &[u8],
+    cuts: &[usize],
+    drain: bool,
+) -> (Vec<u8>, Vec<Vec<u8>>, Option<String>) {
     let mut dec = WsDecoder::new(ANY_LENGTH);
     let (mut derp, mut pings) = (BytesMut::new(), Vec::new());
+    let mut out = Vec::new();
     let mut at = 0;
     let mut sizes = cuts.iter().copied().cycle();
     while at < stream.len() {
@@ -166,15 +174,20 @@ fn ws_decode(stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Vec<Vec<u8>>, Option<St
         dec.input().extend_from_slice(&stream[at..end]);
         at = end;
         loop {
-            match dec.decode(&mut derp, |p| pings.push(p.to_vec())) {
+            let r = dec.decode(&mut derp, |p| pings.push(p.to_vec()));
+            if drain || r.is_err() || matches!(r, Ok(Decoded::Closed)) {
+                out.extend_from_slice(&derp.split());
+            }
+            match r {
                 Ok(Decoded::Data(0)) => break,
                 Ok(Decoded::Data(_)) => {}
-                Ok(Decoded::Closed) => return (derp.to_vec(), pings, Some("closed".into())),
-                Err(e) => return (derp.to_vec(), pings, Some(e.to_string())),
+                Ok(Decoded::Closed) => return (out, pings, Some("closed".into())),
+                Err(e) => return (out, pings, Some(e.to_string())),
             }
         }
     }
-    (derp.to_vec(), pings, None)
+    out.extend_from_slice(&derp);
+    (out, pings, None)
 }
 
 proptest! {
@@ -210,10 +223,12 @@ proptest! {
         }
         let pings_sent: Vec<Vec<u8>> = pings.iter().take(pieces.len()).cloned().collect();
         for c in [&cuts[..], &[1], &[stream.len().max(1)]] {
-            let (derp, got_pings, end) = ws_decode(&stream, c);
-            prop_assert_eq!(&derp, &data);
-            prop_assert_eq!(&got_pings, &pings_sent);
-            prop_assert_eq!(end, None);
+            for drain in [false, true] {
+                let (derp, got_pings, end) = ws_decode(&stream, c, drain);
+                prop_assert_eq!(&derp, &data);
+                prop_assert_eq!(&got_pings, &pings_sent);
+                prop_assert_eq!(end, None);
+            }
         }
     }
 
@@ -239,8 +254,10 @@ proptest! {
         }
         stream.extend_from_slice(&junk);
         // However it is cut, it decodes to the same outcome.
-        let whole = ws_decode(&stream, &[stream.len().max(1)]);
-        prop_assert_eq!(ws_decode(&stream, &cuts), whole.clone());
-        prop_assert_eq!(ws_decode(&stream, &[1]), whole);
+        let whole = ws_decode(&stream, &[stream.len().max(1)], false);
+        for drain in [false, true] {
+            prop_assert_eq!(ws_decode(&stream, &cuts, drain), whole.clone());
+            prop_assert_eq!(ws_decode(&stream, &[1], drain), whole.clone());
+        }
     }
 }

@@ -203,24 +203,28 @@ impl FrameWriter {
     /// `buf` empty for reuse.
     pub async fn send(&mut self, buf: &mut BytesMut) -> Result<(), ClientError> {
         let write = async {
-            let bytes: &[u8] = match &mut self.ws {
-                None => buf,
+            let head: &[u8] = match &mut self.ws {
+                None => &[],
                 Some(w) => {
                     w.frame.clear();
                     if let Some(p) = w.pongs.take() {
                         let mask = w.mask();
                         ws::encode_client_pong(&mut w.frame, &p, mask);
                     }
+                    // Masked where it is: the batch is ours to clear anyway,
+                    // and the header goes out in the same write.
                     let mask = w.mask();
-                    ws::encode_client_binary(&mut w.frame, buf, mask);
+                    ws::encode_client_binary_header(&mut w.frame, buf.len(), mask);
+                    ws::unmask(buf, mask, 0);
                     &w.frame
                 }
             };
             match &mut self.side {
-                WriteSide::Tcp(w) => w.write_all(bytes).await?,
+                WriteSide::Tcp(w) => write_all_vectored(w, head, buf).await?,
                 WriteSide::Tls(w) => {
-                    w.write_all(bytes).await?;
-                    // rustls holds records until flushed.
+                    // rustls buffers both into records until flushed.
+                    w.write_all(head).await?;
+                    w.write_all(buf).await?;
                     w.flush().await?;
                 }
             }
@@ -231,6 +235,30 @@ impl FrameWriter {
             .await
             .map_err(|_| ClientError::WriteStall(WRITE_STALL))?
     }
+}
+
+/// Writes `a` then `b` with as few system calls as the socket allows (one,
+/// usually), so a WebSocket header and its payload leave in one segment.
+async fn write_all_vectored<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    mut a: &[u8],
+    mut b: &[u8],
+) -> std::io::Result<()> {
+    while !a.is_empty() {
+        let n = w
+            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    w.write_all(b).await
 }
 
 #[cfg(test)]

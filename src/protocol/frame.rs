@@ -319,7 +319,7 @@ impl ServerFrame {
     pub fn parse(frame: RawFrame) -> Result<Self, FrameError> {
         let RawFrame {
             frame_type,
-            payload,
+            mut payload,
         } = frame;
         let short = |need: usize| {
             if payload.len() < need {
@@ -342,9 +342,11 @@ impl ServerFrame {
             Some(FrameType::ServerInfo) => ServerFrame::ServerInfo(payload),
             Some(FrameType::RecvPacket) => {
                 short(KEY_LEN)?;
+                let src = key_at(&payload, 0);
+                payload.advance(KEY_LEN);
                 ServerFrame::RecvPacket {
-                    src: key_at(&payload, 0),
-                    packet: payload.slice(KEY_LEN..),
+                    src,
+                    packet: payload,
                 }
             }
             Some(FrameType::KeepAlive) => ServerFrame::KeepAlive,
