@@ -44,11 +44,18 @@ pub fn fit_clients_to_descriptors(config: &mut Config) {
     };
     let room = limit.saturating_sub(NOFILE_RESERVE).max(1) as usize;
     if config.max_clients == 0 || config.max_clients > room {
+        // 0 is "no cap", which no process can hold: say so rather than call
+        // a value the operator never set too large.
+        let what = if config.max_clients == 0 {
+            "no client cap set (max_clients = 0); clamping to what the open-files limit holds (raise LimitNOFILE / ulimit -n to lift it)"
+        } else {
+            "max_clients does not fit the open-files limit; clamping (raise LimitNOFILE / ulimit -n to lift it)"
+        };
         tracing::warn!(
             nofile_limit = limit,
             max_clients = config.max_clients,
             clamped_to = room,
-            "max_clients does not fit the open-files limit; clamping (raise LimitNOFILE / ulimit -n to lift it)"
+            "{what}"
         );
         config.max_clients = room;
     } else {
