@@ -742,6 +742,13 @@ async fn mesh_links_over_tls_carry_packets_between_tls_only_nodes() {
             .expect("a packet");
         assert_eq!(data.as_ref(), msg);
     }
+    // The link counts a batch once its write returned, which may be after
+    // the packet already reached the other side.
+    eventually("each node counted its forwarded packet", || {
+        nodes[0].relay().metrics().mesh.packets_out.get() >= 1
+            && nodes[1].relay().metrics().mesh.packets_out.get() >= 1
+    })
+    .await;
     assert_eq!(nodes[0].relay().metrics().mesh.packets_out.get(), 1);
     assert_eq!(nodes[1].relay().metrics().mesh.packets_out.get(), 1);
 }

@@ -10,7 +10,6 @@
 //! masked it byte by byte, which cost the bench more per packet than the
 //! relay spent forwarding it and so capped what a WebSocket run could show.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,27 +40,17 @@ pub(super) enum ReadSide {
 /// ping, the writer sends the pong ahead of its next batch (RFC 6455 §5.5.3
 /// lets an endpoint answer only the most recent one).
 #[derive(Default)]
-pub(super) struct PongOwed {
-    owed: AtomicBool,
-    payload: Mutex<Bytes>,
-}
+pub(super) struct PongOwed(Mutex<Option<Bytes>>);
 
 impl PongOwed {
     fn set(&self, p: Bytes) {
-        if let Ok(mut slot) = self.payload.lock() {
-            *slot = p;
-            self.owed.store(true, Ordering::Release);
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(p);
         }
     }
 
     fn take(&self) -> Option<Bytes> {
-        if !self.owed.swap(false, Ordering::Acquire) {
-            return None;
-        }
-        self.payload
-            .lock()
-            .ok()
-            .map(|mut p| std::mem::take(&mut *p))
+        self.0.lock().ok().and_then(|mut p| p.take())
     }
 }
 
@@ -92,7 +81,7 @@ impl FrameReader {
         match ws {
             None => FrameReader { side, buf, ws },
             Some((mut dec, pongs)) => {
-                dec.input().extend_from_slice(&buf);
+                *dec.input() = buf;
                 FrameReader {
                     side,
                     buf: BytesMut::new(),
@@ -214,7 +203,7 @@ impl FrameWriter {
                     // Masked where it is: the batch is ours to clear anyway,
                     // and the header goes out in the same write.
                     let mask = w.mask();
-                    ws::encode_client_binary_header(&mut w.frame, buf.len(), mask);
+                    ws::encode_client_header(&mut w.frame, ws::OP_BINARY, buf.len(), mask);
                     ws::unmask(buf, mask, 0);
                     &w.frame
                 }

@@ -5,9 +5,8 @@
 //! Retry-After and the start of the body — and so healthcheck can reuse the
 //! response-head reader.
 
-use std::time::Duration;
-
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
@@ -181,13 +180,15 @@ async fn upgrade(
     }
     // Bytes after the head are already frames (DERP, or WebSocket frames
     // carrying DERP): `buf` carries them over.
-    let pongs = Arc::<PongOwed>::default();
     let (ws_in, ws_out) = match ws_key {
         None => (None, None),
-        Some(_) => (
-            Some((WsDecoder::from_server(), pongs.clone())),
-            Some(WsOut::new(pongs)),
-        ),
+        Some(_) => {
+            let pongs = Arc::<PongOwed>::default();
+            (
+                Some((WsDecoder::from_server(), pongs.clone())),
+                Some(WsOut::new(pongs)),
+            )
+        }
     };
     let (rd, wr) = match conn {
         Either::Left(tcp) => {

@@ -16,8 +16,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 
 use super::RawIo;
-use crate::protocol::ws::{self, MAX_SERVER_HEADER};
-use crate::protocol::ws::{Decoded, WsDecoder};
+use crate::protocol::ws::{self, Decoded, MAX_SERVER_HEADER, WsDecoder};
 use crate::routing::{Control, SendQueue};
 
 /// Room kept in front of a batch for its frame header (the longest one).

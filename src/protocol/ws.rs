@@ -190,16 +190,6 @@ pub fn encode_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: 
     unmask(&mut out[at..], mask, 0);
 }
 
-/// A client binary frame carrying `payload` (a batch of DERP frames).
-pub fn encode_client_binary(out: &mut Vec<u8>, payload: &[u8], mask: [u8; 4]) {
-    encode_client_frame(out, OP_BINARY, payload, mask);
-}
-
-/// The header of a client binary frame of `len` bytes.
-pub fn encode_client_binary_header(out: &mut Vec<u8>, len: usize, mask: [u8; 4]) {
-    encode_client_header(out, OP_BINARY, len, mask);
-}
-
 /// A client's answer to a server's ping.
 pub fn encode_client_pong(out: &mut Vec<u8>, payload: &[u8], mask: [u8; 4]) {
     encode_client_frame(out, OP_PONG, payload, mask);
@@ -479,7 +469,7 @@ mod tests {
         for len in [0usize, 1, 125, 126, 65535, 65536, 70_000] {
             let payload: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
             let mut wire = Vec::new();
-            encode_client_binary(&mut wire, &payload, [9, 8, 7, 6]);
+            encode_client_frame(&mut wire, OP_BINARY, &payload, [9, 8, 7, 6]);
             encode_client_pong(&mut wire, b"p", [1, 2, 3, 4]);
             for cut in [1usize, 3, 1000] {
                 let mut dec = WsDecoder::new(ANY_LENGTH);
@@ -512,7 +502,7 @@ mod tests {
         assert_eq!((&got[..10], got.len(), pings), (&b"derp bytes"[..], 310, 1));
 
         let mut masked = Vec::new();
-        encode_client_binary(&mut masked, b"x", [1, 2, 3, 4]);
+        encode_client_frame(&mut masked, OP_BINARY, b"x", [1, 2, 3, 4]);
         let mut dec = WsDecoder::from_server();
         dec.input().extend_from_slice(&masked);
         assert!(dec.decode(&mut BytesMut::new(), |_| {}).is_err());
