@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use tokio::time::sleep;
 
+use crate::cpu;
 use crate::forwarder::ForwarderChild;
 use crate::load::{
     BenchUrl, LoadArgs, ROLE_RECEIVER, RunResult, Target, check_load, open_endpoint, run_load,
@@ -64,6 +65,7 @@ pub(crate) async fn compare(
     load: &LoadArgs,
     rounds: usize,
     latency_rate: u64,
+    relay_pid: Option<u32>,
 ) -> Result<()> {
     check_load(load)?;
     let relays = urls
@@ -83,7 +85,14 @@ pub(crate) async fn compare(
         ..load.clone()
     };
 
+    let server_pid = |t: &Target| match t {
+        Target::Forwarder(_) => Some(fwd.child.id()),
+        Target::Derp(_) => relay_pid,
+    };
     let mut runs: Vec<Vec<RunResult>> = targets.iter().map(|_| Vec::new()).collect();
+    // Per run: (server CPU, load generator CPU), µs per delivered packet.
+    let mut cpu_runs: Vec<Vec<(Option<f64>, Option<f64>)>> =
+        targets.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         out!(
             "-- round {round}/{rounds}: {} pairs, {} B, {} s, unpaced",
@@ -91,8 +100,15 @@ pub(crate) async fn compare(
             load.size,
             load.duration
         );
-        for (t, out) in targets.iter().zip(&mut runs) {
-            out.push(run_load(t, &peak_load).await?);
+        for ((t, out), cpu_out) in targets.iter().zip(&mut runs).zip(&mut cpu_runs) {
+            let server = server_pid(t).map(|p| cpu::Span::start(Some(p)));
+            let bench = cpu::Span::start(None);
+            let r = run_load(t, &peak_load).await?;
+            cpu_out.push((
+                server.and_then(|s| s.per_packet_us(r.received)),
+                bench.per_packet_us(r.received),
+            ));
+            out.push(r);
             // Let closed connections leave the relay before the next run.
             sleep(Duration::from_millis(300)).await;
         }
@@ -140,6 +156,7 @@ pub(crate) async fn compare(
         })
         .collect();
     print_throughput_table(&rows);
+    print_cpu_table(&targets, &cpu_runs, relay_pid.is_some());
     if !latency_runs.is_empty() {
         let how = match latency_rate {
             0 => "half of the relay's peak".to_owned(),
@@ -162,4 +179,42 @@ pub(crate) async fn compare(
         }
     }
     Ok(())
+}
+
+/// Medians of the unpaced rounds' CPU per delivered packet: the server's
+/// (forwarder or relay) and the load generator's own (whose clients speak
+/// DERP, and WebSocket framing, to a relay but only raw bytes to the
+/// forwarder). On a machine shared with other tenants throughput moves by
+/// tens of percent from run to run; CPU per packet much less.
+fn print_cpu_table(targets: &[Target], runs: &[Vec<(Option<f64>, Option<f64>)>], relay: bool) {
+    let med = |v: Vec<Option<f64>>| -> Option<f64> {
+        let v: Option<Vec<f64>> = v.into_iter().collect();
+        v.filter(|v| !v.is_empty()).map(median)
+    };
+    let rows: Vec<(String, Option<f64>, Option<f64>)> = targets
+        .iter()
+        .zip(runs)
+        .map(|(t, rs)| {
+            (
+                t.label(),
+                med(rs.iter().map(|r| r.0).collect()),
+                med(rs.iter().map(|r| r.1).collect()),
+            )
+        })
+        .collect();
+    let base = rows.first().and_then(|r| r.1);
+    let fmt = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.2}"));
+    out!("\nCPU per delivered packet, unpaced rounds (median):");
+    if !relay {
+        out!("(relay figures need --relay-pid)");
+    }
+    out!("\n| transport | server CPU µs/pkt | vs forwarder | load generator CPU µs/pkt |");
+    out!("|---|---:|---:|---:|");
+    for (label, server, bench) in &rows {
+        let ratio = match (server, base) {
+            (Some(s), Some(b)) if b > 0.0 => format!("{:.2}x", s / b),
+            _ => "-".to_owned(),
+        };
+        out!("| {label} | {} | {ratio} | {} |", fmt(*server), fmt(*bench));
+    }
 }

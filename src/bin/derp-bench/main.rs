@@ -43,6 +43,7 @@ macro_rules! out {
 
 mod bandwidth;
 mod compare;
+mod cpu;
 mod forwarder;
 mod idle;
 mod load;
@@ -99,6 +100,10 @@ enum Mode {
         /// find a better operating point to pass here.
         #[arg(long, default_value_t = 0)]
         latency_rate: u64,
+        /// Process id of the relay behind the URLs: its CPU per delivered
+        /// packet is reported beside the forwarder's.
+        #[arg(long)]
+        relay_pid: Option<u32>,
     },
     /// Memory cost of idle handshaken clients, from the relay's VmRSS.
     Idle {
@@ -251,7 +256,8 @@ async fn run(mode: Mode) -> Result<()> {
             load,
             rounds,
             latency_rate,
-        } => compare(&url, &load, rounds.max(1), latency_rate).await?,
+            relay_pid,
+        } => compare(&url, &load, rounds.max(1), latency_rate, relay_pid).await?,
         Mode::Idle {
             url,
             clients,
