@@ -72,6 +72,12 @@ pub(crate) async fn compare(
         .iter()
         .map(|u| BenchUrl::parse(u).map(Target::Derp))
         .collect::<Result<Vec<_>>>()?;
+    if let Some(p) = relay_pid {
+        anyhow::ensure!(
+            cpu::seconds(Some(p)).is_some(),
+            "--relay-pid {p}: no /proc/{p}/stat to read its CPU time from"
+        );
+    }
     // Fail fast on an unreachable relay, before minutes of forwarder rounds.
     for t in &relays {
         open_endpoint(t, ROLE_RECEIVER, 0).await?;
