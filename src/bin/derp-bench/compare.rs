@@ -74,7 +74,7 @@ pub(crate) async fn compare(
         .collect::<Result<Vec<_>>>()?;
     if let Some(p) = relay_pid {
         anyhow::ensure!(
-            cpu::seconds(Some(p)).is_some(),
+            cpu::seconds(p).is_some(),
             "--relay-pid {p}: no /proc/{p}/stat to read its CPU time from"
         );
     }
@@ -107,8 +107,8 @@ pub(crate) async fn compare(
             load.duration
         );
         for ((t, out), cpu_out) in targets.iter().zip(&mut runs).zip(&mut cpu_runs) {
-            let server = server_pid(t).map(|p| cpu::Span::start(Some(p)));
-            let bench = cpu::Span::start(None);
+            let server = server_pid(t).map(cpu::Span::start);
+            let bench = cpu::Span::start(std::process::id());
             let r = run_load(t, &peak_load).await?;
             cpu_out.push((
                 server.and_then(|s| s.per_packet_us(r.received)),

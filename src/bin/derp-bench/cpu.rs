@@ -4,14 +4,10 @@
 
 use std::sync::OnceLock;
 
-/// User plus system time of `pid` (`None`: this process) in seconds, or
-/// `None` if it cannot be read (no such process, not Linux).
-pub(crate) fn seconds(pid: Option<u32>) -> Option<f64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".to_owned(),
-    };
-    let stat = std::fs::read_to_string(path).ok()?;
+/// User plus system time of `pid` in seconds, or `None` if it cannot be
+/// read (no such process, not Linux).
+pub(crate) fn seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     ticks_of(&stat).map(|t| t as f64 / ticks_per_second())
 }
 
@@ -36,12 +32,12 @@ fn ticks_per_second() -> f64 {
 
 /// CPU spent by a process over a span of work, per packet delivered.
 pub(crate) struct Span {
-    pid: Option<u32>,
+    pid: u32,
     at: Option<f64>,
 }
 
 impl Span {
-    pub(crate) fn start(pid: Option<u32>) -> Self {
+    pub(crate) fn start(pid: u32) -> Self {
         Span {
             pid,
             at: seconds(pid),
